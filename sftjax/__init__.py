@@ -1,0 +1,3 @@
+"""sftjax: supervised fine-tuning of language models in JAX/Flax."""
+
+__version__ = "0.1.0"

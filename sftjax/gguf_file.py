@@ -1,0 +1,117 @@
+"""GGUF files -> (LlamaConfig, HF state dict, tokenizer), using the `gguf` package's reader.
+
+Tensors are dequantised to float32 with `gguf.quants.dequantize` and renamed to HF names; llama's
+q/k weights are un-permuted from llama.cpp's rotary layout back to HF's (the converter permutes
+them for llama only, not for qwen2). The tokenizer (byte-level BPE) and chat template are rebuilt
+from the metadata with `tokenizers`, so no PyTorch is needed to read a GGUF file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from sftjax.errors import UserError
+from sftjax.models.llama import LlamaConfig
+from sftjax.weights import config_from_hf
+
+_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+
+
+def _field(reader, key, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf(path: str):
+    """Returns (LlamaConfig, HF-named float32 state dict, transformers tokenizer)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: GGUF file not found")
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the reader raises bare ValueErrors on a damaged file
+        raise UserError(f"{path}: not a readable GGUF file ({e})") from None
+    arch = _field(reader, "general.architecture")
+    a = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
+    n_head, n_kv = a("attention.head_count"), a("attention.head_count_kv") or a("attention.head_count")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    names = {t.name for t in reader.tensors}
+    hf = {
+        "model_type": arch,
+        "vocab_size": a("vocab_size") or len(tokens),
+        "hidden_size": a("embedding_length"),
+        "intermediate_size": a("feed_forward_length"),
+        "num_hidden_layers": a("block_count"),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "head_dim": a("attention.key_length"),
+        "rms_norm_eps": a("attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": a("rope.freq_base", 10000.0),
+        "max_position_embeddings": a("context_length", 2048),
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
+    }
+    if a("rope.scaling.type") == "linear":
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": a("rope.scaling.factor")}
+    cfg: LlamaConfig = config_from_hf(hf, path)
+
+    sd: dict[str, np.ndarray] = {}
+    for t in reader.tensors:
+        w = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(tuple(reversed([int(d) for d in t.shape])))
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", t.name)
+        if m:
+            layer, kind, what = m.groups()
+            if arch == "llama" and kind in ("attn_q", "attn_k"):
+                w = _unpermute(w, n_head if kind == "attn_q" else n_kv)
+            sd[f"model.layers.{layer}.{_NAMES[kind]}.{what}"] = w
+        elif t.name == "token_embd.weight":
+            sd["model.embed_tokens.weight"] = w
+        elif t.name == "output_norm.weight":
+            sd["model.norm.weight"] = w
+        elif t.name == "output.weight":
+            sd["lm_head.weight"] = w
+    return cfg, sd, tokenizer_from_gguf(reader, path)
+
+
+def tokenizer_from_gguf(reader, path: str):
+    """Rebuild a byte-level BPE tokenizer (with chat template and special tokens) from metadata."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if _field(reader, "tokenizer.ggml.model") != "gpt2":
+        raise UserError(f"{path}: only byte-level BPE (gpt2-style) GGUF tokenizers are supported; "
+                        "convert the model to a HF folder with its tokenizer.json instead")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    types = _field(reader, "tokenizer.ggml.token_type")
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types, strict=True) if ty == 3])
+
+    def special(key):
+        i = _field(reader, f"tokenizer.ggml.{key}_token_id")
+        return None if i is None else tokens[i]
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=special("bos"), eos_token=special("eos"),
+        pad_token=special("padding") or special("eos"), unk_token=special("unknown"),
+        chat_template=_field(reader, "tokenizer.chat_template"),
+    )

