@@ -16,6 +16,7 @@ import numpy as np
 
 from sftjax.errors import UserError
 from sftjax.models.llama import LlamaConfig
+from sftjax.params import flatten, unflatten
 
 # Per-layer weights: (HF suffix, our path inside `layers`, transpose?)
 _LAYER_MAP = [
@@ -116,7 +117,7 @@ def hf_to_params(sd: Mapping[str, np.ndarray], cfg: LlamaConfig, source: str) ->
         ws = [take(f"model.layers.{i}.{hf_suffix}") for i in range(cfg.num_hidden_layers)]
         layers[path] = np.stack([w.T if transpose else w for w in ws])
     params = {"embed_tokens": {"embedding": take("model.embed_tokens.weight")},
-              "norm": {"scale": take("model.norm.weight")}, "layers": _unflatten(layers)}
+              "norm": {"scale": take("model.norm.weight")}, "layers": unflatten(layers)}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = {"kernel": take("lm_head.weight").T}
     return params
@@ -124,7 +125,7 @@ def hf_to_params(sd: Mapping[str, np.ndarray], cfg: LlamaConfig, source: str) ->
 
 def params_to_hf(params: Mapping, cfg: LlamaConfig) -> dict[str, np.ndarray]:
     """Inverse of `hf_to_params` (params must hold no LoRA leaves: merge them first)."""
-    flat = _flatten(params["layers"])
+    flat = flatten(params["layers"])
     sd = {"model.embed_tokens.weight": params["embed_tokens"]["embedding"],
           "model.norm.weight": params["norm"]["scale"]}
     for hf_suffix, path, transpose in _LAYER_MAP:
@@ -136,27 +137,6 @@ def params_to_hf(params: Mapping, cfg: LlamaConfig) -> dict[str, np.ndarray]:
     if not cfg.tie_word_embeddings:
         sd["lm_head.weight"] = np.asarray(params["lm_head"]["kernel"]).T
     return {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in sd.items()}
-
-
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        *parents, leaf = path.split("/")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
 
 
 def read_hf_folder(folder: str) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
