@@ -1,0 +1,142 @@
+"""Config schema, loading and command-line overrides.
+
+A config file is Python with `get_config()` returning an ml_collections ConfigDict built on
+`base_config()`. The result is locked: an unknown key, in the file or in `--config.a.b=value`,
+raises naming the key (with a did-you-mean hint) instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+
+from ml_collections import ConfigDict
+
+from sftjax.errors import UserError
+
+
+def base_config() -> ConfigDict:
+    """Every key sftjax reads, with its default. Config files start from this."""
+    c = ConfigDict()
+    c.model = dict(
+        path="smollm2-135m-instruct",  # HF folder, .gguf file, or the embedded default's name
+        dtype="float32",  # compute dtype: float32 or bfloat16 (master weights stay float32)
+        remat=False,  # rematerialise each layer in the backward pass (less memory, ~30% more compute)
+    )
+    c.data = dict(
+        train="",  # JSONL file, or recipe:NAME (see sftjax/data/recipes.py)
+        eval="",  # JSONL file; empty: eval_fraction of train (a recipe brings its own held-out split)
+        eval_fraction=0.05,
+        format="auto",  # auto | messages | alpaca
+        max_length=256,  # tokens per example after the chat template; longer ones are truncated
+        max_eval_examples=256,
+        seed=0,
+    )
+    c.lora = dict(enabled=True, rank=8, alpha=16.0, dropout=0.0, targets=("qv",), rslora=False)
+    c.train = dict(
+        steps=100,
+        batch_size=8,  # global batch (examples per optimizer step, across devices and micro-batches)
+        grad_accum=1,  # micro-batches per step; the loss is normalised over the whole global batch
+        trainable=(),  # without LoRA: regexes of trainable params; empty means all (full fine-tuning)
+        seed=0,
+        eval_every=0,  # 0: evaluate only before and after training
+        log_every=1,
+        sample_prompts=(),  # user prompts generated before and after training
+        sample_max_new_tokens=24,
+    )
+    c.optim = dict(
+        name="adamw", lr=2e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=1.0,
+        schedule="cosine", warmup_steps=-1, warmup_ratio=0.1, min_lr_ratio=0.1,
+        no_decay=(r"scale$", r"bias$", r"embedding$"),
+    )
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1: all remaining devices
+    c.checkpoint = dict(every=50, max_to_keep=2)
+    return c
+
+
+def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ConfigDict:
+    """Run `path`'s get_config(), check it against base_config(), apply overrides, lock."""
+    if not os.path.isfile(path):
+        raise UserError(f"--config: file {path!r} not found")
+    spec = importlib.util.spec_from_file_location("_sftjax_user_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    except SyntaxError as e:
+        raise UserError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+    if not hasattr(mod, "get_config"):
+        raise UserError(f"{path}: defines no get_config() function")
+    cfg = mod.get_config()
+    check_keys(cfg, base_config(), path)
+    cfg = ConfigDict(cfg.to_dict())
+    for item in overrides:
+        apply_override(cfg, item)
+    cfg.lock()
+    return cfg
+
+
+def check_keys(cfg: ConfigDict, schema: ConfigDict, where: str, prefix: str = "") -> None:
+    for k in cfg.keys():
+        full = f"{prefix}{k}"
+        if k not in schema:
+            raise UserError(f"{where}: unknown config key {full!r}{_hint(k, schema.keys())}")
+        if isinstance(schema[k], ConfigDict):
+            check_keys(cfg[k], schema[k], where, f"{full}.")
+
+
+def _hint(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def apply_override(cfg: ConfigDict, item: str) -> None:
+    """`--config.optim.lr=3e-4` (the `--config.` prefix already stripped or not)."""
+    item = item.removeprefix("--").removeprefix("config.")
+    if "=" not in item:
+        raise UserError(f"--config.{item}: expected --config.KEY=VALUE")
+    key, raw = item.split("=", 1)
+    *parents, leaf = key.split(".")
+    node = cfg
+    for i, p in enumerate(parents):
+        if p not in node or not isinstance(node[p], ConfigDict):
+            raise UserError(f"--config.{key}: unknown config key {'.'.join(parents[: i + 1])!r}{_hint(p, node.keys())}")
+        node = node[p]
+    if leaf not in node:
+        raise UserError(f"--config.{key}: unknown config key {key!r}{_hint(leaf, node.keys())}")
+    node[leaf] = _parse(raw, node[leaf], key)
+
+
+def _parse(raw: str, current, key: str):
+    try:
+        if isinstance(current, bool):
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1")
+        if isinstance(current, str):
+            return raw
+        if isinstance(current, int):
+            return int(raw)
+        if isinstance(current, float):
+            return float(raw)
+        value = ast.literal_eval(raw)
+        return tuple(value) if isinstance(current, tuple) and isinstance(value, (list, tuple)) else value
+    except (ValueError, SyntaxError):
+        kind = type(current).__name__
+        raise UserError(f"--config.{key}: {raw!r} is not a valid {kind}") from None
+
+
+def to_json(cfg: ConfigDict) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, default=list)
+
+
+def from_json(text: str) -> ConfigDict:
+    base = base_config()
+    d = json.loads(text)
+    for sect, vals in d.items():
+        for k, v in vals.items():
+            base[sect][k] = tuple(v) if isinstance(base[sect][k], tuple) else v
+    base.lock()
+    return base

@@ -1,0 +1,1 @@
+"""Data: records (file:line) -> messages -> chat template -> token ids + loss mask -> batches."""

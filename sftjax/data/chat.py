@@ -1,0 +1,56 @@
+"""Chat template -> token ids + a loss mask over every assistant turn.
+
+The template is rendered once for the whole conversation; each assistant turn's character span is
+found by rendering the conversation up to that turn with and without it (the template's own
+generation prompt marks where the reply starts). Tokens are then marked by their character
+offsets, never by re-tokenising substrings, so the mask is exact for any BPE merge at a boundary.
+The span covers the reply and the template's end-of-turn token (so the model learns to stop).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sftjax.data.records import Record
+from sftjax.errors import UserError
+
+
+def render(tokenizer, messages, add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer, record: Record) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the [start, end) character spans of every assistant turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("model: the tokenizer has no chat template; use a model that ships one")
+    msgs = record.messages
+    text = render(tokenizer, msgs)
+    spans = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        start = len(render(tokenizer, msgs[:i], add_generation_prompt=True))
+        upto = render(tokenizer, msgs[: i + 1])
+        end = len(upto.rstrip())
+        if not text.startswith(upto) or not upto[start:].lstrip().startswith(m["content"].strip()[:16]):
+            raise UserError(f"{record.where}: the chat template does not render this conversation as a "
+                            "sequence of turns (prefix mismatch), so assistant tokens cannot be located")
+        spans.append((start, end))
+    return text, spans
+
+
+def encode(tokenizer, record: Record) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32 [n], loss mask bool [n]); mask[i] says token i is a target (assistant) token."""
+    text, spans = assistant_spans(tokenizer, record)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], np.int32)
+    mask = np.zeros(len(ids), bool)
+    for i, (s, e) in enumerate(enc["offset_mapping"]):
+        mask[i] = e > s and any(s >= a and e <= b for a, b in spans)
+    return ids, mask
+
+
+def prompt_ids(tokenizer, user_text: str) -> np.ndarray:
+    """Token ids of a one-turn conversation up to where the assistant's reply starts."""
+    text = render(tokenizer, [{"role": "user", "content": user_text}], add_generation_prompt=True)
+    return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
