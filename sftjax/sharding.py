@@ -1,0 +1,105 @@
+"""Mesh creation, logical-axis rules and the divisibility pre-flight.
+
+Parameters are annotated with logical axes in the model; this short table maps them onto the
+(data, fsdp, tensor) mesh. A logical axis missing from the table, or a dimension that its mesh
+axes do not divide, raises with the parameter path and shapes (no silent replication).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from sftjax.errors import UserError
+from sftjax.params import flatten, unflatten
+
+AXES = ("data", "fsdp", "tensor")
+RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "length": (),
+    "embed": ("fsdp",),
+    "mlp": ("tensor",),
+    "heads": ("tensor",),
+    "kv": ("tensor",),
+    "vocab": ("tensor",),
+    "layers": (),
+}
+
+
+def make_mesh(mesh_cfg) -> jax.sharding.Mesh:
+    """A (data, fsdp, tensor) mesh over all devices; one size may be -1 (fill the rest)."""
+    n = jax.device_count()
+    sizes = [int(mesh_cfg[a]) for a in AXES]
+    if sizes.count(-1) > 1:
+        raise UserError("mesh: at most one of mesh.data/fsdp/tensor may be -1")
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if n % known:
+            raise UserError(f"mesh: {n} devices cannot be split with the fixed axes of size {known}")
+        sizes[sizes.index(-1)] = n // known
+    if math.prod(sizes) != n:
+        raise UserError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {n} devices")
+    return jax.make_mesh(tuple(sizes), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def logical_axes(model, example_ids) -> dict:
+    """Logical axis names of every parameter, read off the model's init without running it."""
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), example_ids))["params"]
+    specs = nn.get_partition_spec(boxed)
+    return jax.tree.map(lambda s: tuple(s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def spec_for(path: str, shape: tuple[int, ...], axes: tuple, mesh) -> PartitionSpec:
+    if len(axes) != len(shape):
+        raise UserError(f"sharding: {path} has shape {shape} but logical axes {axes}")
+    out = []
+    for dim, name in zip(shape, axes, strict=True):
+        if name is None:
+            out.append(None)
+            continue
+        if name not in RULES:
+            raise UserError(f"sharding: {path}: logical axis {name!r} has no rule in sharding.RULES")
+        mesh_axes = tuple(a for a in RULES[name] if mesh.shape[a] > 1)
+        size = math.prod(mesh.shape[a] for a in mesh_axes)
+        if dim % size:
+            raise UserError(f"mesh: parameter {path} shape {shape}: dimension {name}={dim} is not divisible "
+                            f"by mesh axes {mesh_axes} of total size {size}; change the mesh.* sizes")
+        out.append(mesh_axes if len(mesh_axes) > 1 else (mesh_axes[0] if mesh_axes else None))
+    return PartitionSpec(*out)
+
+
+def param_shardings(tree: Mapping, axes: Mapping, mesh) -> dict:
+    """NamedSharding for each leaf of `tree` (arrays or ShapeDtypeStructs) from its logical axes."""
+    flat_axes = flatten(axes)
+    out = {}
+    for path, x in flatten(tree).items():
+        if path not in flat_axes:
+            raise UserError(f"sharding: parameter {path} has no logical axes")
+        out[path] = NamedSharding(mesh, spec_for(path, tuple(x.shape), flat_axes[path], mesh))
+    return unflatten(out)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(RULES["batch"]))
+
+
+def place(tree: Mapping, shardings: Mapping) -> dict:
+    """Host numpy arrays -> global jax Arrays; each device gets only its own slice."""
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]), tree, shardings)
+
+
+def place_batch(batch: Mapping[str, np.ndarray], mesh) -> dict:
+    """Global host batch -> sharded along (data, fsdp). Each process contributes its rows."""
+    sharding = batch_sharding(mesh)
+    n_proc, pid = jax.process_count(), jax.process_index()
+    out = {}
+    for k, v in batch.items():
+        per = v.shape[0] // n_proc
+        out[k] = jax.make_array_from_process_local_data(sharding, v[pid * per:(pid + 1) * per], v.shape)
+    return out

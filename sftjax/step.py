@@ -1,0 +1,83 @@
+"""The jitted train and eval steps.
+
+Only the trainable subtree is differentiated; the frozen base is an ordinary argument that is
+never donated and never reaches the optimizer. The loss is the sum of token losses divided by the
+number of target tokens in the *global* batch: with gradient accumulation the micro-batch sums
+are added up in a scan and divided once, so K micro-batches give the same update as one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from sftjax.params import merge
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: Any
+    opt_state: Any
+
+
+def token_stats(model, trainable, frozen, batch, rng=None):
+    """Summed NLL over target tokens, their count, correct-argmax count, per-row exact match."""
+    params = merge(frozen, trainable)
+    deterministic = rng is None
+    logits = model.apply({"params": params}, batch["input_ids"], batch["valid"], deterministic=deterministic,
+                         rngs=None if deterministic else {"dropout": rng})
+    labels, w = batch["labels"], batch["weights"]
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    nll = (logz - picked) * w
+    hit = (jnp.argmax(logits, -1) == labels) | (w == 0)
+    return {"loss_sum": nll.sum(), "tokens": w.sum(), "correct": (hit * w).sum(),
+            "exact": (hit.all(-1) & (w.sum(-1) > 0)).sum(), "rows": (w.sum(-1) > 0).sum()}
+
+
+def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accum: int, dropout: bool, seed: int):
+    """Jitted (state, frozen, batch) -> (state, metrics); batch leaves are [global_batch, ...].
+
+    The state is donated (updated in place); `frozen` is not.
+    """
+
+    def summed_loss(trainable, frozen, mb, rng):
+        stats = token_stats(model, trainable, frozen, mb, rng)
+        return stats["loss_sum"], stats["tokens"]
+
+    value_and_grad = jax.value_and_grad(summed_loss, has_aux=True)
+
+    def step(state: TrainState, frozen: Mapping, batch: Mapping):
+        key = jax.random.fold_in(jax.random.key(seed), state.step) if dropout else None
+        micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+
+        def body(carry, xs):
+            g_sum, n_sum, l_sum = carry
+            mb, i = xs
+            rng = None if key is None else jax.random.fold_in(key, i)
+            (loss_sum, n), g = value_and_grad(state.trainable, frozen, mb, rng)
+            return (jax.tree.map(jnp.add, g_sum, g), n_sum + n, l_sum + loss_sum), None
+
+        zero = jnp.zeros((), jnp.float32)
+        init = (jax.tree.map(jnp.zeros_like, state.trainable), zero, zero)
+        (grads, tokens, loss_sum), _ = jax.lax.scan(body, init, (micro, jnp.arange(grad_accum)))
+        denom = jnp.maximum(tokens, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "tokens": tokens,
+                   "lr": schedule(state.step)}
+        return TrainState(state.step + 1, trainable, opt_state), metrics
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_eval_step(model):
+    """trainable, frozen, batch -> summed token statistics (add them up over batches)."""
+    return jax.jit(lambda trainable, frozen, batch: token_stats(model, trainable, frozen, batch))
