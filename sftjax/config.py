@@ -45,6 +45,7 @@ def base_config() -> ConfigDict:
         eval_every=0,  # 0: evaluate only before and after training
         log_every=1,
         sample_prompts=(),  # user prompts generated before and after training
+        sample_eval=0,  # also generate for this many held-out conversations
         sample_max_new_tokens=24,
     )
     c.optim = dict(

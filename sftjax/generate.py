@@ -40,10 +40,11 @@ def greedy(model, params, prompts: list[np.ndarray], max_new_tokens: int, eos_id
     return [buf[i, start[i]: lens[i]] for i in range(len(prompts))]
 
 
-def chat(model, params, tokenizer, user_prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Replies to one-turn chats, decoded without special tokens."""
+def chat(model, params, tokenizer, conversations: list, max_new_tokens: int) -> list[str]:
+    """Replies to conversations (a user prompt string or a list of messages), without specials."""
     from sftjax.data.chat import prompt_ids
 
-    prompts = [prompt_ids(tokenizer, p) for p in user_prompts]
+    prompts = [prompt_ids(tokenizer, [{"role": "user", "content": c}] if isinstance(c, str) else c)
+               for c in conversations]
     outs = greedy(model, params, prompts, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
     return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]

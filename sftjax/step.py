@@ -31,7 +31,7 @@ def token_stats(model, trainable, frozen, batch, rng=None):
     params = merge(frozen, trainable)
     deterministic = rng is None
     logits = model.apply({"params": params}, batch["input_ids"], batch["valid"], deterministic=deterministic,
-                         rngs=None if deterministic else {"dropout": rng})
+                         rngs=None if deterministic else {"dropout": rng}, head_positions=batch.get("positions"))
     labels, w = batch["labels"], batch["weights"]
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]

@@ -50,7 +50,7 @@ def encode(tokenizer, record: Record) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
-def prompt_ids(tokenizer, user_text: str) -> np.ndarray:
-    """Token ids of a one-turn conversation up to where the assistant's reply starts."""
-    text = render(tokenizer, [{"role": "user", "content": user_text}], add_generation_prompt=True)
+def prompt_ids(tokenizer, messages: list[dict]) -> np.ndarray:
+    """Token ids of a conversation up to where the next assistant reply starts."""
+    text = render(tokenizer, messages, add_generation_prompt=True)
     return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)

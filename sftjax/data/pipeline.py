@@ -28,6 +28,8 @@ class Examples:
     ids: np.ndarray  # [N, L+1] int32, pad-filled
     targets: np.ndarray  # [N, L+1] bool, loss mask (assistant tokens)
     valid: np.ndarray  # [N, L+1] bool, real (non-pad) tokens
+    # Target slots per row when targets are sparse (see `Llama`'s head_positions); None: all L.
+    head_slots: int | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -35,8 +37,15 @@ class Examples:
     def batch(self, rows) -> dict[str, np.ndarray]:
         """Model inputs and next-token targets for the given example rows."""
         ids, tgt, valid = self.ids[rows], self.targets[rows], self.valid[rows]
-        return {"input_ids": ids[:, :-1], "valid": valid[:, :-1], "labels": ids[:, 1:],
-                "weights": tgt[:, 1:].astype(np.float32)}
+        batch = {"input_ids": ids[:, :-1], "valid": valid[:, :-1], "labels": ids[:, 1:],
+                 "weights": tgt[:, 1:].astype(np.float32)}
+        if self.head_slots is not None:
+            # Input positions whose next token is a target, first; stable so order is kept.
+            pos = np.argsort(~tgt[:, 1:], axis=1, kind="stable")[:, : self.head_slots].astype(np.int32)
+            batch["positions"] = pos
+            batch["labels"] = np.take_along_axis(batch["labels"], pos, 1)
+            batch["weights"] = np.take_along_axis(batch["weights"], pos, 1)
+        return batch
 
 
 def load_records(cfg) -> tuple[list[Record], list[Record]]:
@@ -82,6 +91,10 @@ def tokenize(records: list[Record], tokenizer, max_length: int, name: str) -> Ex
         raise UserError(f"{name}: no usable examples (all {len(records)} lost their targets to "
                         f"truncation at data.max_length={max_length}; raise it)")
     ex = Examples(np.stack(ids), np.stack(tgts), np.stack(valid))
+    most = int(ex.targets[:, 1:].sum(1).max())
+    slots = -(-most // 8) * 8
+    if slots <= max_length // 2:
+        ex.head_slots = slots
     log.info("%s: %d examples, %.1f%% of tokens are real, %.1f%% of real tokens are targets", name, len(ex),
              100 * ex.valid.mean(), 100 * ex.targets.sum() / max(ex.valid.sum(), 1))
     return ex

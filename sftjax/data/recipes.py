@@ -17,8 +17,7 @@ from sftjax.errors import UserError
 
 TREC_LABELS = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity",
                "HUM": "human", "LOC": "location", "NUM": "number"}
-TREC_SYSTEM = ("Classify the question by the type of answer it expects. Reply with one word: "
-               "abbreviation, description, entity, human, location or number.")
+TREC_SYSTEM = "Answer type? One of: abbreviation, description, entity, human, location, number."
 
 
 def _package_file(package: str, rel: str, install: str) -> str:

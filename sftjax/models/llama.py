@@ -209,7 +209,12 @@ def attention_mask(valid: jax.Array, segment_ids: jax.Array | None = None) -> ja
 
 
 class Llama(nn.Module):
-    """Decoder-only LM. Returns float32 logits [B, T, vocab]."""
+    """Decoder-only LM. Returns float32 logits [B, T, vocab].
+
+    With `head_positions` [B, K] the vocabulary head runs only at those positions and the logits
+    are [B, K, vocab]: when few tokens are targets (short replies to long prompts) this skips most
+    of the head's cost, which for small models is a large share of the whole step.
+    """
 
     cfg: LlamaConfig
     rt: Runtime = Runtime()
@@ -222,6 +227,7 @@ class Llama(nn.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         deterministic: bool = True,
+        head_positions: jax.Array | None = None,
     ) -> jax.Array:
         cfg, rt = self.cfg, self.rt
         b, t = input_ids.shape
@@ -243,6 +249,8 @@ class Llama(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         x, _ = stack(cfg, rt, deterministic, name="layers")(x, positions, mask)
+        if head_positions is not None:
+            x = jnp.take_along_axis(x, head_positions[..., None], axis=1)
         x = RMSNorm(cfg.rms_norm_eps, rt, name="norm")(x)
         if cfg.tie_word_embeddings:
             return _dot(x, embed.embedding.T, rt.dtype).astype(jnp.float32)

@@ -1,0 +1,114 @@
+"""`sftjax train|generate|export|convert`: parse, load the config, dispatch. Thin on purpose.
+
+User mistakes (UserError) print one `error: ...` line and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from sftjax.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sftjax", description="Supervised fine-tuning in JAX.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="fine-tune (resumes from the latest checkpoint in --workdir)")
+    t.add_argument("--config", required=True, help="configs/NAME.py; override keys with --config.a.b=value")
+    t.add_argument("--workdir", required=True)
+    g = sub.add_parser("generate", help="reply to a prompt with the fine-tuned model of a workdir")
+    g.add_argument("--workdir", required=True)
+    g.add_argument("--prompt", action="append", required=True, help="user message (repeatable)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--base", action="store_true", help="use the base model, ignoring the checkpoint")
+    e = sub.add_parser("export", help="write a merged HF folder (config, safetensors, tokenizer)")
+    e.add_argument("--workdir", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    c = sub.add_parser("convert", help="GGUF file -> HF folder")
+    c.add_argument("--gguf", required=True, help="a .gguf file, or smollm2-135m-instruct for the embedded model")
+    c.add_argument("--out", required=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    overrides = [a for a in argv if a.startswith("--config.")]
+    args = _parser().parse_args([a for a in argv if not a.startswith("--config.")])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("absl", "jax._src", "orbax", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return _dispatch(args, overrides)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _load_workdir(workdir: str):
+    from sftjax.config import from_json
+
+    path = os.path.join(workdir, "sftjax_config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"--workdir: {path} not found; run `sftjax train --workdir={workdir} ...` first")
+    with open(path) as f:
+        cfg = from_json(f.read())
+    from sftjax.checkpoint import Checkpointer
+    from sftjax.setup import build
+
+    setup = build(cfg)
+    ckpt = Checkpointer(workdir, cfg.checkpoint.max_to_keep)
+    step = ckpt.latest_step()
+    if step is None:
+        raise UserError(f"--workdir: no checkpoint in {ckpt.dir}; train first")
+    from sftjax.train import initial_state
+
+    state = ckpt.restore(step, initial_state(setup, cfg)[0])
+    ckpt.close()
+    return cfg, setup, state.trainable
+
+
+def _dispatch(args, overrides: list[str]) -> int:
+    if args.cmd == "train":
+        from sftjax.config import load_config
+        from sftjax.train import run
+
+        cfg = load_config(args.config, overrides)
+        run(cfg, args.workdir)
+        return 0
+    if overrides:
+        raise UserError(f"{overrides[0]}: --config.* overrides apply to `train` only")
+    if args.cmd == "convert":
+        from sftjax.weights import load_pretrained, write_hf_folder
+
+        cfg, params, tok = load_pretrained(args.gguf)
+        write_hf_folder(args.out, cfg, params, tok)
+        print(f"wrote {args.out}")
+        return 0
+    cfg, setup, trainable = _load_workdir(args.workdir)
+    if args.cmd == "generate":
+        from sftjax.generate import chat
+
+        params = setup.full_params(None if args.base else trainable)
+        for prompt, reply in zip(args.prompt, chat(setup.model, params, setup.tokenizer, args.prompt,
+                                                    args.max_new_tokens), strict=True):
+            print(f"> {prompt}\n{reply}\n")
+        return 0
+    if args.cmd == "export":
+        import jax
+        import numpy as np
+
+        from sftjax.weights import write_hf_folder
+
+        merged = jax.tree.map(np.asarray, setup.merged_params(trainable))
+        write_hf_folder(args.out, setup.model_cfg, merged, setup.tokenizer, dtype=args.dtype)
+        print(f"wrote {args.out}")
+        return 0
+    raise AssertionError(args.cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

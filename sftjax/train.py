@@ -1,0 +1,174 @@
+"""The training loop: data -> jitted step -> metrics, evaluation, checkpoints; resumes by itself.
+
+Running the same command again in the same workdir continues from the latest checkpoint; batch
+`i` depends only on the seed and `i` (see data/pipeline.py), so the resumed run sees exactly the
+batches the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from sftjax import config as C
+from sftjax.checkpoint import Checkpointer
+from sftjax.data import pipeline
+from sftjax.errors import UserError
+from sftjax.generate import chat
+from sftjax.metrics import Writer
+from sftjax.optim import make_optimizer
+from sftjax.setup import Setup, build
+from sftjax.sharding import place_batch
+from sftjax.step import TrainState, make_eval_step, make_train_step
+
+log = logging.getLogger("sftjax")
+
+
+def evaluate(setup: Setup, eval_step, examples: pipeline.Examples, trainable, batch_size: int) -> dict:
+    """Held-out loss, perplexity, token accuracy and exact match (every target token argmax-correct,
+    i.e. greedy decoding would reproduce the whole reply)."""
+    n = len(examples)
+    totals: dict[str, float] = {}
+    for s in range(0, n, batch_size):
+        rows = np.arange(s, s + batch_size)
+        batch = examples.batch(np.minimum(rows, n - 1))
+        batch["weights"] = batch["weights"] * (rows < n)[:, None]  # padding rows count for nothing
+        stats = eval_step(trainable, setup.frozen, place_batch(batch, setup.mesh))
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    loss = totals["loss_sum"] / max(totals["tokens"], 1)
+    return {"loss": loss, "perplexity": float(np.exp(loss)), "token_accuracy": totals["correct"] / max(totals["tokens"], 1),
+            "exact_match": totals["exact"] / max(totals["rows"], 1), "examples": int(totals["rows"])}
+
+
+def sample_conversations(cfg, eval_rec) -> list[list[dict]]:
+    """Free prompts from train.sample_prompts, then the first train.sample_eval held-out
+    conversations cut before their last assistant turn."""
+    convs = [[{"role": "user", "content": p}] for p in cfg.train.sample_prompts]
+    for rec in eval_rec[: cfg.train.sample_eval]:
+        last = max(i for i, m in enumerate(rec.messages) if m["role"] == "assistant")
+        convs.append(list(rec.messages[:last]))
+    return convs
+
+
+def samples(setup: Setup, trainable, convs, max_new_tokens: int) -> list[str]:
+    if not convs:
+        return []
+    return chat(setup.model, setup.full_params(trainable), setup.tokenizer, convs, max_new_tokens)
+
+
+def _check(cfg) -> None:
+    t = cfg.train
+    if t.steps <= 0:
+        raise UserError(f"train.steps: must be positive, got {t.steps}")
+    if t.batch_size % t.grad_accum:
+        raise UserError(f"train.batch_size: {t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+
+
+def initial_state(setup: Setup, cfg):
+    """(TrainState at step 0, optimizer, schedule); also the restore target for checkpoints."""
+    tx, sched = make_optimizer(cfg.optim, setup.trainable, cfg.train.steps)
+    state = TrainState(jnp.zeros((), jnp.int32), setup.trainable, jax.jit(tx.init)(setup.trainable))
+    return state, tx, sched
+
+
+def run(cfg, workdir: str) -> dict:
+    """Train per `cfg` in `workdir`; returns the results dict also written to results.json."""
+    _check(cfg)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "sftjax_config.json"), "w") as f:
+        f.write(C.to_json(cfg))
+    setup = build(cfg)
+    tok = setup.tokenizer
+    train_rec, eval_rec = pipeline.load_records(cfg)
+    train_ex = pipeline.tokenize(train_rec, tok, cfg.data.max_length, "train data")
+    eval_ex = pipeline.tokenize(eval_rec, tok, cfg.data.max_length, "eval data") if eval_rec else None
+    convs = sample_conversations(cfg, eval_rec)
+    order = pipeline.batch_order(len(train_ex), cfg.train.batch_size, cfg.data.seed)
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    dp = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
+    if micro % dp:
+        raise UserError(f"train.batch_size: micro-batch {micro} is not divisible by the data-parallel size {dp}")
+
+    state, tx, sched = initial_state(setup, cfg)
+    ckpt = Checkpointer(workdir, cfg.checkpoint.max_to_keep)
+    results_path = os.path.join(workdir, "results.json")
+    results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
+    start = ckpt.latest_step() or 0
+    if start:
+        state = ckpt.restore(start, state)
+        log.info("resumed from %s at step %d", ckpt.dir, start)
+    step_fn = make_train_step(setup.model, tx, sched, cfg.train.grad_accum, cfg.lora.enabled and cfg.lora.dropout > 0,
+                              cfg.train.seed)
+    eval_step = make_eval_step(setup.model)
+    writer = Writer(workdir)
+    if start == 0:
+        results = {"before": {}}
+        if eval_ex is not None:
+            results["before"]["eval"] = evaluate(setup, eval_step, eval_ex, state.trainable, micro)
+            writer.scalars(0, results["before"]["eval"], "eval/")
+            log.info("eval before training: %s", _fmt(results["before"]["eval"]))
+        results["before"]["samples"] = samples(setup, state.trainable, convs, cfg.train.sample_max_new_tokens)
+
+    bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="train",
+               disable=jax.process_index() != 0, dynamic_ncols=True)
+    t_last, tok_since, compiled_at = time.perf_counter(), 0, None
+    for step in bar:
+        rows = order[step]
+        batch = train_ex.batch(rows)
+        state, m = step_fn(state, setup.frozen, place_batch(batch, setup.mesh))
+        tok_since += int(batch["valid"].sum())
+        if compiled_at is None:  # the first step includes compilation; rates start after it
+            jax.block_until_ready(m)
+            t_last, tok_since, compiled_at = time.perf_counter(), 0, step + 1
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            m = {k: float(v) for k, v in m.items()}
+            if not np.isfinite(m["loss"]):
+                raise FloatingPointError(f"loss is {m['loss']} at step {done}; lower optim.lr or check the data")
+            now = time.perf_counter()
+            if done > compiled_at:
+                m["tokens_per_sec"] = tok_since / (now - t_last)
+                results["tokens_per_sec"] = m["tokens_per_sec"]
+            t_last, tok_since = now, 0
+            writer.scalars(done, m, "train/")
+            bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
+                            tok_s=f"{m.get('tokens_per_sec', 0):.0f}")
+        if eval_ex is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
+            ev = evaluate(setup, eval_step, eval_ex, state.trainable, micro)
+            writer.scalars(done, ev, "eval/")
+            log.info("eval at step %d: %s", done, _fmt(ev))
+        if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
+            ckpt.save(done, state)
+    bar.close()
+    ckpt.save(cfg.train.steps, state)
+    ckpt.close()
+
+    results["after"] = {"step": cfg.train.steps}
+    if eval_ex is not None:
+        results["after"]["eval"] = evaluate(setup, eval_step, eval_ex, state.trainable, micro)
+        writer.scalars(cfg.train.steps, results["after"]["eval"], "eval/")
+        log.info("eval after training: %s", _fmt(results["after"]["eval"]))
+    results["after"]["samples"] = samples(setup, state.trainable, convs, cfg.train.sample_max_new_tokens)
+    results["sample_prompts"] = [c[-1]["content"] for c in convs]
+    for i, prompt in enumerate(results["sample_prompts"]):
+        before = (results.get("before", {}).get("samples") or [""] * (i + 1))[i]
+        after = results["after"]["samples"][i]
+        writer.text(cfg.train.steps, f"samples/{i}", f"**prompt** {prompt}\n\n**before** {before}\n\n**after** {after}")
+        log.info("sample %d: %r\n  before: %r\n  after:  %r", i, prompt, before, after)
+    writer.close()
+    if jax.process_index() == 0:
+        with open(results_path, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def _fmt(d: dict) -> str:
+    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
