@@ -42,9 +42,11 @@ def make_mesh(mesh_cfg) -> jax.sharding.Mesh:
         if n % known:
             raise UserError(f"mesh: {n} devices cannot be split with the fixed axes of size {known}")
         sizes[sizes.index(-1)] = n // known
-    if math.prod(sizes) != n:
-        raise UserError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {n} devices")
-    return jax.make_mesh(tuple(sizes), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    if math.prod(sizes) > n:
+        raise UserError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are only {n} devices")
+    # A mesh smaller than the machine uses the first devices (e.g. a 1-device baseline run).
+    return jax.make_mesh(tuple(sizes), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=jax.devices()[: math.prod(sizes)])
 
 
 def logical_axes(model, example_ids) -> dict:

@@ -82,12 +82,9 @@ def initial_state(setup: Setup, cfg):
 def run(cfg, workdir: str) -> dict:
     """Train per `cfg` in `workdir`; returns the results dict also written to results.json."""
     _check(cfg)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "sftjax_config.json"), "w") as f:
-        f.write(C.to_json(cfg))
+    train_rec, eval_rec = pipeline.load_records(cfg)  # bad data fails fast, before any file is written
     setup = build(cfg)
     tok = setup.tokenizer
-    train_rec, eval_rec = pipeline.load_records(cfg)
     train_ex = pipeline.tokenize(train_rec, tok, cfg.data.max_length, "train data")
     eval_ex = pipeline.tokenize(eval_rec, tok, cfg.data.max_length, "eval data") if eval_rec else None
     convs = sample_conversations(cfg, eval_rec)
@@ -98,6 +95,9 @@ def run(cfg, workdir: str) -> dict:
         raise UserError(f"train.batch_size: micro-batch {micro} is not divisible by the data-parallel size {dp}")
 
     state, tx, sched = initial_state(setup, cfg)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "sftjax_config.json"), "w") as f:
+        f.write(C.to_json(cfg))
     ckpt = Checkpointer(workdir, cfg.checkpoint.max_to_keep)
     results_path = os.path.join(workdir, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Fresh machine -> the whole test suite (including the real-model parity tests marked slow).
+# Extra arguments go to pytest, e.g. -m "not slow" for the fast tier only.
+set -euo pipefail
+. "$(dirname "$0")/_env.sh" "[test]"
+python -m pytest -q "$@"
