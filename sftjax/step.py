@@ -41,10 +41,12 @@ def token_stats(model, trainable, frozen, batch, rng=None):
             "exact": (hit.all(-1) & (w.sum(-1) > 0)).sum(), "rows": (w.sum(-1) > 0).sum()}
 
 
-def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accum: int, dropout: bool, seed: int):
+def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accum: int, dropout: bool, seed: int,
+                    state_sharding=None):
     """Jitted (state, frozen, batch) -> (state, metrics); batch leaves are [global_batch, ...].
 
-    The state is donated (updated in place); `frozen` is not.
+    The state is donated (updated in place); `frozen` is not. `state_sharding` pins the output
+    state to the input's shardings so the step never recompiles.
     """
 
     def summed_loss(trainable, frozen, mb, rng):
@@ -71,11 +73,12 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "tokens": tokens,
+        metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "tokens": tokens,
                    "lr": schedule(state.step)}
         return TrainState(state.step + 1, trainable, opt_state), metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    out = None if state_sharding is None else (state_sharding, None)
+    return jax.jit(step, donate_argnums=(0,), out_shardings=out)
 
 
 def make_eval_step(model):

@@ -15,6 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from sftjax import config as C
@@ -76,7 +77,11 @@ def initial_state(setup: Setup, cfg):
     """(TrainState at step 0, optimizer, schedule); also the restore target for checkpoints."""
     tx, sched = make_optimizer(cfg.optim, setup.trainable, cfg.train.steps)
     state = TrainState(jnp.zeros((), jnp.int32), setup.trainable, jax.jit(tx.init)(setup.trainable))
-    return state, tx, sched
+    # Pin every leaf to a mesh sharding (scalars and anything XLA left on one device: replicated),
+    # so the jitted step's outputs match its inputs and it compiles exactly once.
+    replicated = NamedSharding(setup.mesh, PartitionSpec())
+    shardings = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, state)
+    return jax.device_put(state, shardings), tx, sched
 
 
 def run(cfg, workdir: str) -> dict:
@@ -106,7 +111,7 @@ def run(cfg, workdir: str) -> dict:
         state = ckpt.restore(start, state)
         log.info("resumed from %s at step %d", ckpt.dir, start)
     step_fn = make_train_step(setup.model, tx, sched, cfg.train.grad_accum, cfg.lora.enabled and cfg.lora.dropout > 0,
-                              cfg.train.seed)
+                              cfg.train.seed, jax.tree.map(lambda x: x.sharding, state))
     eval_step = make_eval_step(setup.model)
     writer = Writer(workdir)
     if start == 0:
