@@ -12,7 +12,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from sftjax import lora, params as P, sharding
+from sftjax import lora, sharding
+from sftjax import params as P
 from sftjax.models.llama import Llama, LlamaConfig, Runtime
 from sftjax.weights import load_pretrained
 

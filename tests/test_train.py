@@ -80,8 +80,8 @@ def test_resume_after_crash_equals_uninterrupted(tiny_config, tmp_path, monkeypa
 
 
 def test_lora_frozen_untouched_and_opt_state_only_for_trainable(tiny_config):
-    from sftjax.sharding import place_batch
     from sftjax.data import pipeline
+    from sftjax.sharding import place_batch
     from sftjax.step import make_train_step
 
     cfg = tiny_config

@@ -16,8 +16,8 @@ import grain
 import numpy as np
 
 from sftjax.data.chat import encode
-from sftjax.data.records import Record, read_jsonl
 from sftjax.data.recipes import load_recipe
+from sftjax.data.records import Record, read_jsonl
 from sftjax.errors import UserError
 
 log = logging.getLogger("sftjax")
