@@ -22,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="reply to a prompt with the fine-tuned model of a workdir")
     g.add_argument("--workdir", required=True)
     g.add_argument("--prompt", action="append", required=True, help="user message (repeatable)")
+    g.add_argument("--system", help="system message placed before each prompt")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--base", action="store_true", help="use the base model, ignoring the checkpoint")
     e = sub.add_parser("export", help="write a merged HF folder (config, safetensors, tokenizer)")
@@ -41,11 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("absl", "jax._src", "orbax", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from sftjax.train import Interrupted
+
     try:
         return _dispatch(args, overrides)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130
 
 
 def _load_workdir(workdir: str):
@@ -93,7 +99,9 @@ def _dispatch(args, overrides: list[str]) -> int:
         from sftjax.generate import chat
 
         params = setup.full_params(None if args.base else trainable)
-        for prompt, reply in zip(args.prompt, chat(setup.model, params, setup.tokenizer, args.prompt,
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        convs = [system + [{"role": "user", "content": p}] for p in args.prompt]
+        for prompt, reply in zip(args.prompt, chat(setup.model, params, setup.tokenizer, convs,
                                                     args.max_new_tokens), strict=True):
             print(f"> {prompt}\n{reply}\n")
         return 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -30,6 +32,35 @@ from sftjax.sharding import place_batch
 from sftjax.step import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger("sftjax")
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag instead of killing the process, so the loop can finish the step,
+    checkpoint and exit cleanly (preemptible machines, SLURM time limits, Ctrl-C). A second
+    signal stops at once."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after saving a checkpoint."""
 
 
 def evaluate(setup: Setup, eval_step, examples: pipeline.Examples, trainable, batch_size: int) -> dict:
@@ -125,33 +156,41 @@ def run(cfg, workdir: str) -> dict:
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="train",
                disable=jax.process_index() != 0, dynamic_ncols=True)
     t_last, tok_since, compiled_at = time.perf_counter(), 0, None
-    for step in bar:
-        rows = order[step]
-        batch = train_ex.batch(rows)
-        state, m = step_fn(state, setup.frozen, place_batch(batch, setup.mesh))
-        tok_since += int(batch["valid"].sum())
-        if compiled_at is None:  # the first step includes compilation; rates start after it
-            jax.block_until_ready(m)
-            t_last, tok_since, compiled_at = time.perf_counter(), 0, step + 1
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            m = {k: float(v) for k, v in m.items()}
-            if not np.isfinite(m["loss"]):
-                raise FloatingPointError(f"loss is {m['loss']} at step {done}; lower optim.lr or check the data")
-            now = time.perf_counter()
-            if done > compiled_at:
-                m["tokens_per_sec"] = tok_since / (now - t_last)
-                results["tokens_per_sec"] = m["tokens_per_sec"]
-            t_last, tok_since = now, 0
-            writer.scalars(done, m, "train/")
-            bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
-                            tok_s=f"{m.get('tokens_per_sec', 0):.0f}")
-        if eval_ex is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
-            ev = evaluate(setup, eval_step, eval_ex, state.trainable, micro)
-            writer.scalars(done, ev, "eval/")
-            log.info("eval at step %d: %s", done, _fmt(ev))
-        if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
-            ckpt.save(done, state)
+    with StopRequest() as stop:
+        for step in bar:
+            rows = order[step]
+            batch = train_ex.batch(rows)
+            state, m = step_fn(state, setup.frozen, place_batch(batch, setup.mesh))
+            tok_since += int(batch["valid"].sum())
+            if compiled_at is None:  # the first step includes compilation; rates start after it
+                jax.block_until_ready(m)
+                t_last, tok_since, compiled_at = time.perf_counter(), 0, step + 1
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                m = {k: float(v) for k, v in m.items()}
+                if not np.isfinite(m["loss"]):
+                    raise FloatingPointError(f"loss is {m['loss']} at step {done}; lower optim.lr or check the data")
+                now = time.perf_counter()
+                if done > compiled_at:
+                    m["tokens_per_sec"] = tok_since / (now - t_last)
+                    results["tokens_per_sec"] = m["tokens_per_sec"]
+                t_last, tok_since = now, 0
+                writer.scalars(done, m, "train/")
+                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
+                                tok_s=f"{m.get('tokens_per_sec', 0):.0f}")
+            if eval_ex is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
+                ev = evaluate(setup, eval_step, eval_ex, state.trainable, micro)
+                writer.scalars(done, ev, "eval/")
+                log.info("eval at step %d: %s", done, _fmt(ev))
+            if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
+                ckpt.save(done, state)
+            if stop.signal is not None:
+                ckpt.save(done, state)
+                ckpt.close()
+                bar.close()
+                writer.close()
+                raise Interrupted(f"stopped by signal {stop.signal} after step {done}; checkpoint saved in "
+                                  f"{ckpt.dir}. Run the same command again to resume.")
     bar.close()
     ckpt.save(cfg.train.steps, state)
     ckpt.close()

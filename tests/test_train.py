@@ -113,3 +113,35 @@ def test_partial_freezing_by_regex(tiny_config):
     assert sorted(flatten(setup.trainable)) == ["layers/mlp/down_proj/kernel", "layers/mlp/gate_proj/kernel",
                                                  "layers/mlp/up_proj/kernel", "norm/scale"]
     assert "embed_tokens/embedding" in flatten(setup.frozen)
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tiny_config, tmp_path, monkeypatch):
+    """A SIGTERM during step 1 lets the step finish, saves it, and raises Interrupted; the same
+    command then resumes from step 1."""
+    import signal
+
+    import pytest
+
+    from sftjax.metrics import Writer
+    from sftjax.train import Interrupted
+
+    cfg = tiny_config
+    cfg.train.steps = 3
+    cfg.checkpoint.every = 100  # only the signal-triggered and final saves
+    wd = str(tmp_path / "run")
+    real = Writer.scalars
+
+    def scalars_then_signal(self, step, values, prefix=""):
+        real(self, step, values, prefix)
+        if prefix == "train/" and step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Writer, "scalars", scalars_then_signal)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted, match="after step 1"):
+        run(cfg, wd)
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # the loop's handler is removed again
+    assert os.listdir(os.path.join(wd, "checkpoints")) == ["1"]
+    monkeypatch.setattr(Writer, "scalars", real)
+    run(cfg, wd)
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["1", "3"]
