@@ -6,6 +6,9 @@ set -euo pipefail
 . "$(dirname "$0")/_env.sh"
 WORKDIR=${WORKDIR:-runs/quickstart}
 sftjax train --config=configs/quickstart.py --workdir="$WORKDIR" "$@"
-sftjax generate --workdir="$WORKDIR" --max-new-tokens=8 \
-  --prompt="What is the population of Canada?" --prompt="Who invented the telephone?"
+# Replies to new questions with the task's system prompt, from the saved checkpoint.
+SYSTEM=$(python -c 'from sftjax.data.recipes import TREC_SYSTEM; print(TREC_SYSTEM)')
+sftjax generate --workdir="$WORKDIR" --max-new-tokens=8 --system="$SYSTEM" \
+  --prompt="How many people live in Canada?" --prompt="Who invented the telephone?" \
+  --prompt="Where is the Eiffel Tower?" --prompt="What does NASA stand for?"
 echo "results: $WORKDIR/results.json   tensorboard: tensorboard --logdir $WORKDIR/tb"
