@@ -132,11 +132,10 @@ def run(cfg, workdir: str) -> dict:
 
     state, tx, sched = initial_state(setup, cfg)
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "sftjax_config.json"), "w") as f:
-        f.write(C.to_json(cfg))
+    _write_config(cfg, os.path.join(workdir, "sftjax_config.json"))
     ckpt = Checkpointer(workdir, cfg.checkpoint.max_to_keep)
     results_path = os.path.join(workdir, "results.json")
-    results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
+    results = _read_json(results_path) or {}
     start = ckpt.latest_step() or 0
     if start:
         state = ckpt.restore(start, state)
@@ -156,6 +155,7 @@ def run(cfg, workdir: str) -> dict:
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="train",
                disable=jax.process_index() != 0, dynamic_ncols=True)
     t_last, tok_since, compiled_at = time.perf_counter(), 0, None
+    run_tokens, run_secs = 0, 0.0
     with StopRequest() as stop:
         for step in bar:
             rows = order[step]
@@ -173,7 +173,8 @@ def run(cfg, workdir: str) -> dict:
                 now = time.perf_counter()
                 if done > compiled_at:
                     m["tokens_per_sec"] = tok_since / (now - t_last)
-                    results["tokens_per_sec"] = m["tokens_per_sec"]
+                    run_tokens, run_secs = run_tokens + tok_since, run_secs + now - t_last
+                    results["train_tokens_per_sec"] = run_tokens / run_secs  # mean over this run, after compile
                 t_last, tok_since = now, 0
                 writer.scalars(done, m, "train/")
                 bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
@@ -212,6 +213,27 @@ def run(cfg, workdir: str) -> dict:
         with open(results_path, "w") as f:
             json.dump(results, f, indent=2)
     return results
+
+
+def _read_json(path: str):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_config(cfg, path: str) -> None:
+    """Save the run's config (generate/export rebuild from it); warn when a resumed run changed it,
+    since e.g. a new train.steps reshapes the learning-rate schedule mid-run."""
+    new = json.loads(C.to_json(cfg))
+    old = _read_json(path)
+    if old is not None:
+        changed = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
+        if changed:
+            log.warning("%s: this workdir was run with a different config before; changed: %s", path,
+                        ", ".join(changed))
+    with open(path, "w") as f:
+        json.dump(new, f, indent=2)
 
 
 def _fmt(d: dict) -> str:
