@@ -1,7 +1,8 @@
-"""Greedy decoding with a fixed-size token buffer.
+"""Greedy decoding with a key/value cache.
 
-Each new token re-runs the model over the whole buffer (no KV cache yet): one compiled shape,
-simple and exact, and fast enough for the sample generations of small models on CPU.
+Prompts are left-padded to a common length so every row writes its next token into the same
+cache slot; padding slots are masked out and positions count real tokens only, so a padded row
+decodes exactly as it would alone. Two compiled shapes: the prompt (prefill) and one token.
 """
 
 from __future__ import annotations
@@ -10,34 +11,49 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sftjax.models.llama import init_cache
+
 
 def greedy(model, params, prompts: list[np.ndarray], max_new_tokens: int, eos_id: int | None,
            pad_id: int = 0) -> list[np.ndarray]:
     """Generated token ids (without the prompt, up to and including EOS) for each prompt."""
-    longest = max(len(p) for p in prompts)
-    length = -(-(longest + max_new_tokens) // 16) * 16
-    buf = np.full((len(prompts), length), pad_id, np.int32)
+    b = len(prompts)
+    p_len = -(-max(len(p) for p in prompts) // 8) * 8
+    slots = p_len + max_new_tokens
+    ids = np.full((b, p_len), pad_id, np.int32)
+    valid = np.zeros((b, slots), bool)
     for i, p in enumerate(prompts):
-        buf[i, : len(p)] = p
-    lens = np.array([len(p) for p in prompts], np.int32)
-    start = lens.copy()
-    done = np.zeros(len(prompts), bool)
+        ids[i, p_len - len(p):] = p
+        valid[i, p_len - len(p): p_len] = True
+    positions = np.maximum(np.cumsum(valid[:, :p_len], axis=1) - 1, 0).astype(np.int32)
+    last = positions[:, -1]
 
     @jax.jit
-    def next_token(params, buf, lens):
-        valid = jnp.arange(buf.shape[1])[None, :] < lens[:, None]
-        logits = model.apply({"params": params}, buf, valid)
-        return jnp.argmax(logits[jnp.arange(buf.shape[0]), lens - 1], axis=-1)
+    def step(params, ids, valid, positions, cache, index):
+        logits, cache = model.apply({"params": params}, ids, valid, positions, cache=cache, cache_index=index,
+                                    head_positions=jnp.full((ids.shape[0], 1), ids.shape[1] - 1, jnp.int32))
+        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
 
-    for _ in range(max_new_tokens):
-        tok = np.asarray(next_token(params, buf, lens))
-        for i in np.flatnonzero(~done):
-            buf[i, lens[i]] = tok[i]
-            lens[i] += 1
-            done[i] = eos_id is not None and tok[i] == eos_id
-        if done.all():
+    cache = init_cache(model.cfg, b, slots)
+    tok, cache = step(params, ids, valid, positions, cache, 0)
+    out = np.zeros((b, max_new_tokens), np.int32)
+    done = np.zeros(b, bool)
+    n = 0
+    for n in range(1, max_new_tokens + 1):
+        t = np.asarray(tok)
+        out[:, n - 1] = t
+        done |= (t == eos_id) if eos_id is not None else False
+        if n == max_new_tokens or done.all():
             break
-    return [buf[i, start[i]: lens[i]] for i in range(len(prompts))]
+        valid[:, p_len + n - 1] = True
+        tok, cache = step(params, t[:, None], valid, (last + n)[:, None].astype(np.int32), cache, p_len + n - 1)
+    result = []
+    for i in range(b):
+        row = out[i, :n]
+        if eos_id is not None and (row == eos_id).any():
+            row = row[: int(np.argmax(row == eos_id)) + 1]
+        result.append(row)
+    return result
 
 
 def chat(model, params, tokenizer, conversations: list, max_new_tokens: int) -> list[str]:

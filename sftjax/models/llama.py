@@ -149,7 +149,9 @@ class Attention(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache=None, cache_index=None):
+        """Returns (output, updated cache); with a cache, k/v of `x` are written at `cache_index`
+        and attention runs over all cache slots (mask [B, T, S])."""
         cfg, rt = self.cfg, self.rt
         b, t, _ = x.shape
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
@@ -161,13 +163,18 @@ class Attention(nn.Module):
         q = apply_rope(q.reshape(b, t, nh, hd), positions, inv_freq)
         k = apply_rope(k.reshape(b, t, nkv, hd), positions, inv_freq)
         v = v.reshape(b, t, nkv, hd)
+        if cache is not None:
+            at = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)
+            cache = {"k": k, "v": v}
         q = q.reshape(b, t, nkv, nh // nkv, hd)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(hd)
         scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(rt.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, nh * hd)
-        return Linear(cfg.hidden_size, ("heads", "embed"), False, name="o_proj", **lin)(out)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(rt.dtype)).reshape(b, t, nh * hd)
+        return Linear(cfg.hidden_size, ("heads", "embed"), False, name="o_proj", **lin)(out), cache
 
 
 class MLP(nn.Module):
@@ -190,13 +197,14 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, cache, cache_index):
         cfg, rt = self.cfg, self.rt
         kw = dict(cfg=cfg, rt=rt, deterministic=self.deterministic)
         h = RMSNorm(cfg.rms_norm_eps, rt, name="input_layernorm")(x)
-        x = x + Attention(name="self_attn", **kw)(h, positions, mask)
+        a, cache = Attention(name="self_attn", **kw)(h, positions, mask, cache, cache_index)
+        x = x + a
         h = RMSNorm(cfg.rms_norm_eps, rt, name="post_attention_layernorm")(x)
-        return x + MLP(name="mlp", **kw)(h), None
+        return x + MLP(name="mlp", **kw)(h), cache
 
 
 def attention_mask(valid: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -214,6 +222,10 @@ class Llama(nn.Module):
     With `head_positions` [B, K] the vocabulary head runs only at those positions and the logits
     are [B, K, vocab]: when few tokens are targets (short replies to long prompts) this skips most
     of the head's cost, which for small models is a large share of the whole step.
+
+    With a `cache` (from `init_cache`) the call is one decoding step: `input_ids` occupy cache
+    slots `cache_index ..`, `valid` [B, S] marks which of the S slots hold real tokens (prompt
+    padding does not), `positions` must be given, and the result is (logits, updated cache).
     """
 
     cfg: LlamaConfig
@@ -228,14 +240,20 @@ class Llama(nn.Module):
         segment_ids: jax.Array | None = None,
         deterministic: bool = True,
         head_positions: jax.Array | None = None,
-    ) -> jax.Array:
+        cache: dict | None = None,
+        cache_index: jax.Array | None = None,
+    ):
         cfg, rt = self.cfg, self.rt
         b, t = input_ids.shape
         if valid is None:
             valid = jnp.ones((b, t), bool)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        mask = attention_mask(valid, segment_ids)
+        if cache is None:
+            mask = attention_mask(valid, segment_ids)
+        else:
+            slots = jnp.arange(valid.shape[1])
+            mask = (slots[None, :] <= cache_index + jnp.arange(t)[:, None])[None] & valid[:, None, :].astype(bool)
         einit = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=einit, name="embed_tokens")
         x = embed(input_ids).astype(rt.dtype)
@@ -244,15 +262,22 @@ class Llama(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=cfg.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, _ = stack(cfg, rt, deterministic, name="layers")(x, positions, mask)
+        x, cache = stack(cfg, rt, deterministic, name="layers")(x, positions, mask, cache, cache_index)
         if head_positions is not None:
             x = jnp.take_along_axis(x, head_positions[..., None], axis=1)
         x = RMSNorm(cfg.rms_norm_eps, rt, name="norm")(x)
         if cfg.tie_word_embeddings:
-            return _dot(x, embed.embedding.T, rt.dtype).astype(jnp.float32)
-        head = Linear(cfg.vocab_size, ("embed", "vocab"), False, rt, name="lm_head")
-        return head(x).astype(jnp.float32)
+            logits = _dot(x, embed.embedding.T, rt.dtype).astype(jnp.float32)
+        else:
+            logits = Linear(cfg.vocab_size, ("embed", "vocab"), False, rt, name="lm_head")(x).astype(jnp.float32)
+        return logits if cache is None else (logits, cache)
+
+
+def init_cache(cfg: LlamaConfig, batch: int, slots: int, dtype=jnp.float32) -> dict:
+    """Empty key/value cache for `slots` positions, stacked over layers like the weights."""
+    shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.dim_per_head)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
