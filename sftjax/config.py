@@ -75,8 +75,34 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
     cfg = ConfigDict(cfg.to_dict())
     for item in overrides:
         apply_override(cfg, item)
+    validate(cfg)
     cfg.lock()
     return cfg
+
+
+CHOICES = {
+    ("model", "dtype"): ("float32", "bfloat16"),
+    ("data", "format"): ("auto", "messages", "alpaca"),
+    ("optim", "name"): ("adamw",),
+    ("optim", "schedule"): ("cosine", "linear", "constant"),
+}
+POSITIVE = [("train", "steps"), ("train", "batch_size"), ("train", "grad_accum"), ("data", "max_length"),
+            ("lora", "rank"), ("optim", "lr"), ("checkpoint", "every"), ("checkpoint", "max_to_keep")]
+
+
+def validate(cfg: ConfigDict) -> None:
+    """Value checks that need no model or data, so a typo fails before anything slow starts."""
+    for (sect, key), options in CHOICES.items():
+        if cfg[sect][key] not in options:
+            raise UserError(f"{sect}.{key}: {cfg[sect][key]!r} is not one of {', '.join(options)}")
+    for sect, key in POSITIVE:
+        if not cfg[sect][key] > 0:
+            raise UserError(f"{sect}.{key}: must be positive, got {cfg[sect][key]}")
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        raise UserError(f"train.batch_size: {cfg.train.batch_size} is not divisible by "
+                        f"train.grad_accum={cfg.train.grad_accum}")
+    if not 0 <= cfg.lora.dropout < 1:
+        raise UserError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
 
 
 def check_keys(cfg: ConfigDict, schema: ConfigDict, where: str, prefix: str = "") -> None:

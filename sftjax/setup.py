@@ -44,10 +44,6 @@ def build(cfg) -> Setup:
     scale = lora.scale(cfg.lora.alpha, cfg.lora.rank, cfg.lora.rslora) if cfg.lora.enabled else 1.0
     rt = Runtime(dtype=cfg.model.dtype, remat=cfg.model.remat, lora_scale=scale,
                  lora_dropout=cfg.lora.dropout if cfg.lora.enabled else 0.0)
-    if cfg.model.dtype not in ("float32", "bfloat16"):
-        from sftjax.errors import UserError
-
-        raise UserError(f"model.dtype: {cfg.model.dtype!r} is not float32 or bfloat16")
     model = Llama(mcfg, rt)
     mesh = sharding.make_mesh(cfg.mesh)
     axes = sharding.logical_axes(model, np.zeros((1, 8), np.int32))

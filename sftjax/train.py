@@ -96,14 +96,6 @@ def samples(setup: Setup, trainable, convs, max_new_tokens: int) -> list[str]:
     return chat(setup.model, setup.full_params(trainable), setup.tokenizer, convs, max_new_tokens)
 
 
-def _check(cfg) -> None:
-    t = cfg.train
-    if t.steps <= 0:
-        raise UserError(f"train.steps: must be positive, got {t.steps}")
-    if t.batch_size % t.grad_accum:
-        raise UserError(f"train.batch_size: {t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
-
-
 def initial_state(setup: Setup, cfg):
     """(TrainState at step 0, optimizer, schedule); also the restore target for checkpoints."""
     tx, sched = make_optimizer(cfg.optim, setup.trainable, cfg.train.steps)
@@ -117,7 +109,7 @@ def initial_state(setup: Setup, cfg):
 
 def run(cfg, workdir: str) -> dict:
     """Train per `cfg` in `workdir`; returns the results dict also written to results.json."""
-    _check(cfg)
+    C.validate(cfg)
     train_rec, eval_rec = pipeline.load_records(cfg)  # bad data fails fast, before any file is written
     setup = build(cfg)
     tok = setup.tokenizer
@@ -210,8 +202,7 @@ def run(cfg, workdir: str) -> dict:
         log.info("sample %d: %r\n  before: %r\n  after:  %r", i, prompt, before, after)
     writer.close()
     if jax.process_index() == 0:
-        with open(results_path, "w") as f:
-            json.dump(results, f, indent=2)
+        _write_json(results_path, results)
     return results
 
 
@@ -232,8 +223,14 @@ def _write_config(cfg, path: str) -> None:
         if changed:
             log.warning("%s: this workdir was run with a different config before; changed: %s", path,
                         ", ".join(changed))
-    with open(path, "w") as f:
-        json.dump(new, f, indent=2)
+    _write_json(path, new)
+
+
+def _write_json(path: str, obj) -> None:
+    """Write-then-rename, so a crash never leaves a truncated file behind."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def _fmt(d: dict) -> str:

@@ -53,3 +53,14 @@ def test_cli_bad_data_line_is_clean_error(tmp_path, tiny_model_dir):
                        capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
     assert f"error: {data}:2: malformed JSON" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.optim.schedule=cosin", "optim.schedule: 'cosin' is not one of cosine, linear, constant"),
+    ("--config.model.dtype=fp16", "model.dtype: 'fp16' is not one of float32, bfloat16"),
+    ("--config.train.steps=0", "train.steps: must be positive, got 0"),
+    ("--config.train.grad_accum=3", "train.batch_size: 8 is not divisible by train.grad_accum=3"),
+])
+def test_bad_values_fail_at_load(override, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(QUICK, [override])
