@@ -19,6 +19,9 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune (resumes from the latest checkpoint in --workdir)")
     t.add_argument("--config", required=True, help="configs/NAME.py; override keys with --config.a.b=value")
     t.add_argument("--workdir", required=True)
+    t.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run: jax.distributed.initialize() from SFTJAX_COORDINATOR, "
+                        "SFTJAX_NUM_PROCESSES, SFTJAX_PROCESS_ID if set, else auto-detected (SLURM, TPU pods)")
     g = sub.add_parser("generate", help="reply to a prompt with the fine-tuned model of a workdir")
     g.add_argument("--workdir", required=True)
     g.add_argument("--prompt", action="append", required=True, help="user message (repeatable)")
@@ -54,6 +57,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _init_distributed() -> None:
+    import jax
+
+    env = os.environ
+    if "SFTJAX_COORDINATOR" in env:
+        try:
+            n, pid = int(env["SFTJAX_NUM_PROCESSES"]), int(env["SFTJAX_PROCESS_ID"])
+        except (KeyError, ValueError):
+            raise UserError("--distributed: SFTJAX_COORDINATOR is set, so SFTJAX_NUM_PROCESSES and "
+                            "SFTJAX_PROCESS_ID must be integers too") from None
+        jax.distributed.initialize(coordinator_address=env["SFTJAX_COORDINATOR"], num_processes=n, process_id=pid)
+    else:
+        jax.distributed.initialize()  # SLURM, TPU pods, ... fill in the cluster themselves
+    logging.getLogger("sftjax").info("process %d of %d, %d local / %d global devices", jax.process_index(),
+                                     jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
 def _load_workdir(workdir: str):
     from sftjax.config import from_json
 
@@ -83,6 +103,8 @@ def _dispatch(args, overrides: list[str]) -> int:
         from sftjax.train import run
 
         cfg = load_config(args.config, overrides)
+        if args.distributed:
+            _init_distributed()
         run(cfg, args.workdir)
         return 0
     if overrides:

@@ -124,7 +124,8 @@ def run(cfg, workdir: str) -> dict:
 
     state, tx, sched = initial_state(setup, cfg)
     os.makedirs(workdir, exist_ok=True)
-    _write_config(cfg, os.path.join(workdir, "sftjax_config.json"))
+    if jax.process_index() == 0:
+        _write_config(cfg, os.path.join(workdir, "sftjax_config.json"))
     ckpt = Checkpointer(workdir, cfg.checkpoint.max_to_keep)
     results_path = os.path.join(workdir, "results.json")
     results = _read_json(results_path) or {}
