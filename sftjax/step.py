@@ -57,7 +57,10 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
 
     def step(state: TrainState, frozen: Mapping, batch: Mapping):
         key = jax.random.fold_in(jax.random.key(seed), state.step) if dropout else None
-        micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+        # Micro-batch i takes rows i, i+K, i+2K, ...: every device keeps its share of each
+        # micro-batch, where contiguous splits would leave most devices idle per micro-step.
+        micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
+                             batch)
 
         def body(carry, xs):
             g_sum, n_sum, l_sum = carry

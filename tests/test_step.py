@@ -68,6 +68,10 @@ def test_eight_device_mesh_equals_one_device(tiny_config):
     meshed, l8 = _steps(cfg, n=1, sgd=True)
     np.testing.assert_allclose(l1, l8, rtol=1e-6)
     _assert_close({k: single[k] - base[k] for k in base}, {k: meshed[k] - base[k] for k in base}, 1e-5)
+    cfg.train.grad_accum = 2  # micro-batches on the mesh: still the same update
+    accum, la = _steps(cfg, n=1, sgd=True)
+    np.testing.assert_allclose(l1, la, rtol=1e-6)
+    _assert_close({k: single[k] - base[k] for k in base}, {k: accum[k] - base[k] for k in base}, 1e-5)
 
 
 def test_indivisible_dimension_raises_with_path(tiny_config):
