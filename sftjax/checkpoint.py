@@ -35,5 +35,8 @@ class Checkpointer:
         return out["state"]
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for pending asynchronous saves, then release the manager (safe to call twice)."""
+        if self.manager is not None:
+            self.manager.wait_until_finished()
+            self.manager.close()
+            self.manager = None

@@ -27,6 +27,8 @@ class Writer:
             self.tb.add_text(tag, text, step)
 
     def close(self) -> None:
+        """Flush and close (safe to call twice)."""
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
+            self.tb = None

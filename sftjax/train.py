@@ -136,23 +136,49 @@ def run(cfg, workdir: str) -> dict:
     step_fn = make_train_step(setup.model, tx, sched, cfg.train.grad_accum, cfg.lora.enabled and cfg.lora.dropout > 0,
                               cfg.train.seed, jax.tree.map(lambda x: x.sharding, state))
     eval_step = make_eval_step(setup.model)
+    run_eval = None if eval_ex is None else (lambda trainable: evaluate(setup, eval_step, eval_ex, trainable, micro))
     writer = Writer(workdir)
-    if start == 0:
-        results = {"before": {}}
-        if eval_ex is not None:
-            results["before"]["eval"] = evaluate(setup, eval_step, eval_ex, state.trainable, micro)
-            writer.scalars(0, results["before"]["eval"], "eval/")
-            log.info("eval before training: %s", _fmt(results["before"]["eval"]))
-        results["before"]["samples"] = samples(setup, state.trainable, convs, cfg.train.sample_max_new_tokens)
+    try:
+        if start == 0:
+            results = {"before": {}}
+            if run_eval is not None:
+                results["before"]["eval"] = run_eval(state.trainable)
+                writer.scalars(0, results["before"]["eval"], "eval/")
+                log.info("eval before training: %s", _fmt(results["before"]["eval"]))
+            results["before"]["samples"] = samples(setup, state.trainable, convs, cfg.train.sample_max_new_tokens)
+        state = _train_steps(cfg, setup, state, step_fn, train_ex, order, start, run_eval, writer, ckpt, results)
+        results["after"] = {"step": cfg.train.steps}
+        if run_eval is not None:
+            results["after"]["eval"] = run_eval(state.trainable)
+            writer.scalars(cfg.train.steps, results["after"]["eval"], "eval/")
+            log.info("eval after training: %s", _fmt(results["after"]["eval"]))
+        results["after"]["samples"] = samples(setup, state.trainable, convs, cfg.train.sample_max_new_tokens)
+        results["sample_prompts"] = [c[-1]["content"] for c in convs]
+        for i, prompt in enumerate(results["sample_prompts"]):
+            before = (results.get("before", {}).get("samples") or [""] * (i + 1))[i]
+            after = results["after"]["samples"][i]
+            writer.text(cfg.train.steps, f"samples/{i}",
+                        f"**prompt** {prompt}\n\n**before** {before}\n\n**after** {after}")
+            log.info("sample %d: %r\n  before: %r\n  after:  %r", i, prompt, before, after)
+    finally:  # also on errors and signals: finish pending async saves, flush events, keep results so far
+        ckpt.close()
+        writer.close()
+        if jax.process_index() == 0:
+            _write_json(results_path, results)
+    return results
 
+
+def _train_steps(cfg, setup: Setup, state, step_fn, train_ex, order, start: int, run_eval, writer, ckpt,
+                 results: dict):
+    """Steps start..train.steps: log every train.log_every, evaluate every train.eval_every,
+    checkpoint every checkpoint.every and at the end; on SIGTERM/SIGINT checkpoint and raise."""
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="train",
                disable=jax.process_index() != 0, dynamic_ncols=True)
     t_last, tok_since, compiled_at = time.perf_counter(), 0, None
     run_tokens, run_secs = 0, 0.0
-    with StopRequest() as stop:
+    with StopRequest() as stop, bar:
         for step in bar:
-            rows = order[step]
-            batch = train_ex.batch(rows)
+            batch = train_ex.batch(order[step])
             state, m = step_fn(state, setup.frozen, place_batch(batch, setup.mesh))
             tok_since += int(batch["valid"].sum())
             if compiled_at is None:  # the first step includes compilation; rates start after it
@@ -161,8 +187,9 @@ def run(cfg, workdir: str) -> dict:
             done = step + 1
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 m = {k: float(v) for k, v in m.items()}
-                if not np.isfinite(m["loss"]):
-                    raise FloatingPointError(f"loss is {m['loss']} at step {done}; lower optim.lr or check the data")
+                if not np.isfinite(m["loss"]):  # checked at logging time only: no per-step host sync
+                    raise UserError(f"optim.lr: the loss is {m['loss']} at step {done}; lower the learning rate "
+                                    f"(or check the data); the last checkpoint is step {ckpt.latest_step()}")
                 now = time.perf_counter()
                 if done > compiled_at:
                     m["tokens_per_sec"] = tok_since / (now - t_last)
@@ -170,41 +197,18 @@ def run(cfg, workdir: str) -> dict:
                     results["train_tokens_per_sec"] = run_tokens / run_secs  # mean over this run, after compile
                 t_last, tok_since = now, 0
                 writer.scalars(done, m, "train/")
-                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
-                                tok_s=f"{m.get('tokens_per_sec', 0):.0f}")
-            if eval_ex is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
-                ev = evaluate(setup, eval_step, eval_ex, state.trainable, micro)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m.get('tokens_per_sec', 0):.0f}")
+            if run_eval is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0 \
+                    and done < cfg.train.steps:
+                ev = run_eval(state.trainable)
                 writer.scalars(done, ev, "eval/")
                 log.info("eval at step %d: %s", done, _fmt(ev))
-            if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
+            if done % cfg.checkpoint.every == 0 or done == cfg.train.steps or stop.signal is not None:
                 ckpt.save(done, state)
             if stop.signal is not None:
-                ckpt.save(done, state)
-                ckpt.close()
-                bar.close()
-                writer.close()
                 raise Interrupted(f"stopped by signal {stop.signal} after step {done}; checkpoint saved in "
                                   f"{ckpt.dir}. Run the same command again to resume.")
-    bar.close()
-    ckpt.save(cfg.train.steps, state)
-    ckpt.close()
-
-    results["after"] = {"step": cfg.train.steps}
-    if eval_ex is not None:
-        results["after"]["eval"] = evaluate(setup, eval_step, eval_ex, state.trainable, micro)
-        writer.scalars(cfg.train.steps, results["after"]["eval"], "eval/")
-        log.info("eval after training: %s", _fmt(results["after"]["eval"]))
-    results["after"]["samples"] = samples(setup, state.trainable, convs, cfg.train.sample_max_new_tokens)
-    results["sample_prompts"] = [c[-1]["content"] for c in convs]
-    for i, prompt in enumerate(results["sample_prompts"]):
-        before = (results.get("before", {}).get("samples") or [""] * (i + 1))[i]
-        after = results["after"]["samples"][i]
-        writer.text(cfg.train.steps, f"samples/{i}", f"**prompt** {prompt}\n\n**before** {before}\n\n**after** {after}")
-        log.info("sample %d: %r\n  before: %r\n  after:  %r", i, prompt, before, after)
-    writer.close()
-    if jax.process_index() == 0:
-        _write_json(results_path, results)
-    return results
+    return state
 
 
 def _read_json(path: str):

@@ -143,5 +143,21 @@ def test_sigterm_checkpoints_and_exits_cleanly(tiny_config, tmp_path, monkeypatc
     assert signal.getsignal(signal.SIGTERM) is handler_before  # the loop's handler is removed again
     assert os.listdir(os.path.join(wd, "checkpoints")) == ["1"]
     monkeypatch.setattr(Writer, "scalars", real)
-    run(cfg, wd)
+    res = run(cfg, wd)
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["1", "3"]
+    # The evaluation before training, from the interrupted run, is kept beside the final one.
+    assert res["before"]["eval"]["examples"] == 4 and res["after"]["step"] == 3
+
+
+def test_diverging_loss_is_a_clean_error(tiny_config, tmp_path):
+    import pytest
+
+    from sftjax.errors import UserError
+
+    cfg = tiny_config
+    cfg.lora.enabled = False
+    cfg.optim.lr = 1e30
+    cfg.optim.clip_norm = 0.0
+    cfg.train.steps = 3
+    with pytest.raises(UserError, match=r"optim.lr: the loss is (nan|inf) at step [23]"):
+        run(cfg, str(tmp_path / "run"))
