@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -46,11 +47,9 @@ def test_export_bf16_and_sharded(tiny_config, tmp_path):
     cfg = tiny_config
     cfg.lora.enabled = False
     setup = build(cfg)
-    params = {k: v for k, v in setup.merged_params().items()}
+    params = jax.tree.map(np.asarray, setup.merged_params())
     out = str(tmp_path / "sharded")
-    import jax
-
-    write_hf_folder(out, setup.model_cfg, jax.tree.map(np.asarray, params), dtype="bfloat16", max_shard_bytes=2_000_000)
+    write_hf_folder(out, setup.model_cfg, params, dtype="bfloat16", max_shard_bytes=2_000_000)
     index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
     assert len(set(index["weight_map"].values())) > 1
     cfg2, sd = read_hf_folder(out)
