@@ -27,11 +27,31 @@ def base_config() -> ConfigDict:
         remat=False,  # rematerialise each layer in the backward pass (less memory, ~30% more compute)
     )
     c.data = dict(
-        train="",  # JSONL file, or recipe:NAME (see sftjax/data/recipes.py)
-        eval="",  # JSONL file; empty: eval_fraction of train (a recipe brings its own held-out split)
+        train="",  # data source (see below), or recipe:NAME (see sftjax/data/recipes.py)
+        # Several sources with sampling weights, e.g. (("recipe:trec", 0.8), ("recipe:chitchat", 0.2));
+        # replaces data.train. Each source's loss is reported separately.
+        mixture=(),
+        eval="",  # held-out source; empty: eval_fraction of train (a recipe brings its own held-out split)
         eval_fraction=0.05,
-        format="auto",  # auto | messages | alpaca
-        max_length=256,  # tokens per example after the chat template; longer ones are truncated
+        # Sources: .jsonl .json .csv .tsv .parquet files, CoNLL column files (.conll/.bio), a folder
+        # written by datasets' save_to_disk, or hf:LOADER:FILE (datasets.load_dataset over a local file).
+        # Record format: auto | messages | sharegpt | alpaca | prompt_completion | text |
+        # classification | tokens (token classification: tokens + BIO tags). auto detects it from the fields.
+        format="auto",
+        labels=(),  # classification / NER label set; a label outside it is an error naming the record
+        instruction="",  # system prompt for classification / NER records rendered as chat
+        chat_template="model",  # model (the tokenizer's) | chatml | llama-3 | alpaca | path to a .jinja file
+        loss_on="assistant",  # assistant (every reply) | last_assistant | all (every token)
+        max_length=256,  # tokens per example after the chat template
+        truncation="right",  # right (cut the end) | left (cut the start) | drop (drop longer examples)
+        min_tokens=0,  # drop examples shorter than this (0: no limit)
+        on_no_targets="drop",  # drop (and count) | raise: an example left without target tokens
+        dedup="exact",  # none | exact (normalised text hash) | near (MinHash LSH, also exact)
+        near_dup_threshold=0.85,  # Jaccard similarity of 5-gram shingles above which records are duplicates
+        quality=("empty", "repetition"),  # filters: empty/whitespace replies, runaway repetition
+        packing=False,  # pack several examples per row (segment ids; attention never crosses examples)
+        buckets=3,  # without packing: pad each batch to one of this many lengths (compiles <= this many times)
+        num_shards=0,  # data shards (0: one per process); fix it to keep the data order across host counts
         max_eval_examples=256,
         seed=0,
     )
@@ -82,7 +102,12 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
 
 CHOICES = {
     ("model", "dtype"): ("float32", "bfloat16"),
-    ("data", "format"): ("auto", "messages", "alpaca"),
+    ("data", "format"): ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "classification",
+                         "tokens"),
+    ("data", "loss_on"): ("assistant", "last_assistant", "all"),
+    ("data", "truncation"): ("right", "left", "drop"),
+    ("data", "on_no_targets"): ("drop", "raise"),
+    ("data", "dedup"): ("none", "exact", "near"),
     ("optim", "name"): ("adamw",),
     ("optim", "schedule"): ("cosine", "linear", "constant"),
 }

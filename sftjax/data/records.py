@@ -17,8 +17,17 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass(frozen=True)
 class Record:
-    where: str  # "file:line" or "recipe:NAME#index"
-    messages: tuple[dict, ...]
+    """One training example, normalised. Chat-like formats fill `messages`; plain text fills `text`
+    (every token is a target). Classification and token-classification records are rendered as
+    chat (the reply is the label / the tagged entities) and also keep their raw fields so task
+    heads can use them."""
+
+    where: str  # "file:line", "file#row" or "recipe:NAME#index": what an error message names
+    messages: tuple[dict, ...] = ()
+    text: str | None = None
+    label: str | None = None
+    tokens: tuple[str, ...] | None = None
+    tags: tuple[str, ...] | None = None
 
 
 def read_jsonl(path: str, fmt: str = "auto") -> list[Record]:
