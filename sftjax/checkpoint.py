@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the train state (step, trainable params, optimizer state).
+"""Orbax checkpoints of the train state (step, trainable params, optimizer state) and of the
+training data iterator's position, in the same step directory.
 
 The frozen base is not saved: it is re-read from the model file on resume, so a LoRA checkpoint
 holds only the adapters and their optimizer state. Restoring takes an abstract target carrying
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -18,20 +20,28 @@ class Checkpointer:
         self.dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
         opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=True,
                                             create=True)
-        self.manager = ocp.CheckpointManager(self.dir, options=opts, item_names=("state",))
+        self.manager = ocp.CheckpointManager(self.dir, options=opts, item_names=("state", "data"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state) -> None:
+    def save(self, step: int, state, data=None) -> None:
+        """Save `state` and, if given, the data iterator's state (grain, one file per process)."""
         if step in self.manager.all_steps():
             return
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+        items = {"state": ocp.args.StandardSave(state)}
+        if data is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data)
+        self.manager.save(step, args=ocp.args.Composite(**items))
 
-    def restore(self, step: int, like):
-        """Restore into the structure, dtypes and shardings of `like` (a state or abstract state)."""
+    def restore(self, step: int, like, data=None):
+        """Restore into the structure, dtypes and shardings of `like` (a state or abstract state);
+        `data`, an iterator, is moved to the saved position in place."""
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        items = {"state": ocp.args.StandardRestore(abstract)}
+        if data is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data)
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return out["state"]
 
     def close(self) -> None:

@@ -22,6 +22,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--distributed", action="store_true",
                    help="join a multi-process run: jax.distributed.initialize() from SFTJAX_COORDINATOR, "
                         "SFTJAX_NUM_PROCESSES, SFTJAX_PROCESS_ID if set, else auto-detected (SLURM, TPU pods)")
+    d = sub.add_parser("data", help="look at the training data as the step sees it")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    i = dsub.add_parser("inspect", help="per-source counts and N examples with the trained tokens highlighted")
+    i.add_argument("--config", required=True, help="configs/NAME.py; override keys with --config.a.b=value")
+    i.add_argument("-n", type=int, default=3, help="examples to show per source")
     g = sub.add_parser("generate", help="reply to a prompt with the fine-tuned model of a workdir")
     g.add_argument("--workdir", required=True)
     g.add_argument("--prompt", action="append", required=True, help="user message (repeatable)")
@@ -85,7 +90,10 @@ def _load_workdir(workdir: str):
     from sftjax.checkpoint import Checkpointer
     from sftjax.setup import build
 
+    from sftjax.data.templates import resolve
+
     setup = build(cfg)
+    resolve(setup.tokenizer, cfg.data.chat_template)  # generate with the template training used
     ckpt = Checkpointer(workdir, cfg.checkpoint.max_to_keep)
     step = ckpt.latest_step()
     if step is None:
@@ -107,8 +115,14 @@ def _dispatch(args, overrides: list[str]) -> int:
             _init_distributed()
         run(cfg, args.workdir)
         return 0
+    if args.cmd == "data":
+        from sftjax.config import load_config
+        from sftjax.data.inspect import inspect
+
+        print(inspect(load_config(args.config, overrides), args.n, "ansi" if sys.stdout.isatty() else "brackets"))
+        return 0
     if overrides:
-        raise UserError(f"{overrides[0]}: --config.* overrides apply to `train` only")
+        raise UserError(f"{overrides[0]}: --config.* overrides apply to `train` and `data` only")
     if args.cmd == "convert":
         from sftjax.weights import load_pretrained, write_hf_folder
 

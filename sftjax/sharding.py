@@ -96,12 +96,20 @@ def place(tree: Mapping, shardings: Mapping) -> dict:
         lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]), tree, shardings)
 
 
-def place_batch(batch: Mapping[str, np.ndarray], mesh) -> dict:
-    """Global host batch -> sharded along (data, fsdp). Each process contributes its rows."""
+def place_batch(batch: Mapping[str, np.ndarray], mesh, local: bool = False) -> dict:
+    """Host batch -> global arrays sharded along (data, fsdp).
+
+    `local=False`: every process holds the whole global batch and contributes its rows.
+    `local=True`: each process holds only its own rows (the training loader's batches), and the
+    global batch is the processes' rows in process order.
+    """
     sharding = batch_sharding(mesh)
     n_proc, pid = jax.process_count(), jax.process_index()
     out = {}
     for k, v in batch.items():
-        per = v.shape[0] // n_proc
-        out[k] = jax.make_array_from_process_local_data(sharding, v[pid * per:(pid + 1) * per], v.shape)
+        if local:
+            out[k] = jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * n_proc, *v.shape[1:]))
+        else:
+            per = v.shape[0] // n_proc
+            out[k] = jax.make_array_from_process_local_data(sharding, v[pid * per:(pid + 1) * per], v.shape)
     return out

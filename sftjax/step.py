@@ -26,23 +26,33 @@ class TrainState:
     opt_state: Any
 
 
-def token_stats(model, trainable, frozen, batch, rng=None):
-    """Summed NLL over target tokens, their count, correct-argmax count, per-row exact match."""
+def token_stats(model, trainable, frozen, batch, rng=None, num_sources: int = 1):
+    """Summed NLL over target tokens, their count, correct-argmax count, per-row exact match;
+    with several data sources also the NLL and token count of each (`source` ids per token).
+
+    Packed rows carry `segment_ids` and per-segment `position_ids`: attention stays inside each
+    example and positions restart, so a packed example computes what it would alone."""
     params = merge(frozen, trainable)
     deterministic = rng is None
-    logits = model.apply({"params": params}, batch["input_ids"], batch["valid"], deterministic=deterministic,
-                         rngs=None if deterministic else {"dropout": rng}, head_positions=batch.get("positions"))
+    logits = model.apply({"params": params}, batch["input_ids"], batch["valid"], positions=batch.get("position_ids"),
+                         segment_ids=batch.get("segment_ids"), deterministic=deterministic,
+                         rngs=None if deterministic else {"dropout": rng}, head_positions=batch.get("head_positions"))
     labels, w = batch["labels"], batch["weights"]
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
     nll = (logz - picked) * w
     hit = (jnp.argmax(logits, -1) == labels) | (w == 0)
-    return {"loss_sum": nll.sum(), "tokens": w.sum(), "correct": (hit * w).sum(),
-            "exact": (hit.all(-1) & (w.sum(-1) > 0)).sum(), "rows": (w.sum(-1) > 0).sum()}
+    out = {"loss_sum": nll.sum(), "tokens": w.sum(), "correct": (hit * w).sum(),
+           "exact": (hit.all(-1) & (w.sum(-1) > 0)).sum(), "rows": (w.sum(-1) > 0).sum()}
+    if num_sources > 1 and "source" in batch:
+        src = batch["source"].reshape(-1)
+        out["loss_by_source"] = jax.ops.segment_sum(nll.reshape(-1), src, num_segments=num_sources)
+        out["tokens_by_source"] = jax.ops.segment_sum(w.reshape(-1), src, num_segments=num_sources)
+    return out
 
 
 def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accum: int, dropout: bool, seed: int,
-                    state_sharding=None):
+                    state_sharding=None, num_sources: int = 1):
     """Jitted (state, frozen, batch) -> (state, metrics); batch leaves are [global_batch, ...].
 
     The state is donated (updated in place); `frozen` is not. `state_sharding` pins the output
@@ -50,8 +60,9 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
     """
 
     def summed_loss(trainable, frozen, mb, rng):
-        stats = token_stats(model, trainable, frozen, mb, rng)
-        return stats["loss_sum"], stats["tokens"]
+        stats = token_stats(model, trainable, frozen, mb, rng, num_sources)
+        by_source = {k: stats[k] for k in ("loss_by_source", "tokens_by_source") if k in stats}
+        return stats["loss_sum"], (stats["tokens"], by_source)
 
     value_and_grad = jax.value_and_grad(summed_loss, has_aux=True)
 
@@ -63,27 +74,30 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
                              batch)
 
         def body(carry, xs):
-            g_sum, n_sum, l_sum = carry
+            g_sum, n_sum, l_sum, src_sum = carry
             mb, i = xs
             rng = None if key is None else jax.random.fold_in(key, i)
-            (loss_sum, n), g = value_and_grad(state.trainable, frozen, mb, rng)
-            return (jax.tree.map(jnp.add, g_sum, g), n_sum + n, l_sum + loss_sum), None
+            (loss_sum, (n, by_source)), g = value_and_grad(state.trainable, frozen, mb, rng)
+            return (jax.tree.map(jnp.add, g_sum, g), n_sum + n, l_sum + loss_sum,
+                    jax.tree.map(jnp.add, src_sum, by_source)), None
 
         zero = jnp.zeros((), jnp.float32)
-        init = (jax.tree.map(jnp.zeros_like, state.trainable), zero, zero)
-        (grads, tokens, loss_sum), _ = jax.lax.scan(body, init, (micro, jnp.arange(grad_accum)))
+        src_zero = ({"loss_by_source": jnp.zeros(num_sources), "tokens_by_source": jnp.zeros(num_sources)}
+                    if num_sources > 1 and "source" in batch else {})
+        init = (jax.tree.map(jnp.zeros_like, state.trainable), zero, zero, src_zero)
+        (grads, tokens, loss_sum, by_source), _ = jax.lax.scan(body, init, (micro, jnp.arange(grad_accum)))
         denom = jnp.maximum(tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "tokens": tokens,
-                   "lr": schedule(state.step)}
+                   "lr": schedule(state.step), **by_source}
         return TrainState(state.step + 1, trainable, opt_state), metrics
 
     out = None if state_sharding is None else (state_sharding, None)
     return jax.jit(step, donate_argnums=(0,), out_shardings=out)
 
 
-def make_eval_step(model):
+def make_eval_step(model, num_sources: int = 1):
     """trainable, frozen, batch -> summed token statistics (add them up over batches)."""
-    return jax.jit(lambda trainable, frozen, batch: token_stats(model, trainable, frozen, batch))
+    return jax.jit(lambda trainable, frozen, batch: token_stats(model, trainable, frozen, batch, None, num_sources))

@@ -1,8 +1,8 @@
 """The training loop: data -> jitted step -> metrics, evaluation, checkpoints; resumes by itself.
 
-Running the same command again in the same workdir continues from the latest checkpoint; batch
-`i` depends only on the seed and `i` (see data/pipeline.py), so the resumed run sees exactly the
-batches the uninterrupted one would have.
+Running the same command again in the same workdir continues from the latest checkpoint; the data
+loader's position is saved in the same checkpoint (see data/loader.py), so the resumed run sees
+exactly the batches the uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from tqdm import tqdm
 from sftjax import config as C
 from sftjax.checkpoint import Checkpointer
 from sftjax.data import pipeline
+from sftjax.data.inspect import highlight
+from sftjax.data.loader import make_loader
 from sftjax.errors import UserError
 from sftjax.generate import chat
 from sftjax.metrics import Writer
@@ -63,21 +65,37 @@ class Interrupted(Exception):
     """Training stopped on a signal after saving a checkpoint."""
 
 
-def evaluate(setup: Setup, eval_step, examples: pipeline.Examples, trainable, batch_size: int) -> dict:
+def evaluate(setup: Setup, eval_step, examples: pipeline.Examples, trainable, batch_size: int,
+             names: list[str] = ()) -> dict:
     """Held-out loss, perplexity, token accuracy and exact match (every target token argmax-correct,
-    i.e. greedy decoding would reproduce the whole reply)."""
+    i.e. greedy decoding would reproduce the whole reply); with several sources, each one's loss."""
     n = len(examples)
-    totals: dict[str, float] = {}
+    totals: dict[str, float | np.ndarray] = {}
     for s in range(0, n, batch_size):
         rows = np.arange(s, s + batch_size)
         batch = examples.batch(np.minimum(rows, n - 1))
         batch["weights"] = batch["weights"] * (rows < n)[:, None]  # padding rows count for nothing
         stats = eval_step(trainable, setup.frozen, place_batch(batch, setup.mesh))
         for k, v in stats.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-    loss = totals["loss_sum"] / max(totals["tokens"], 1)
-    return {"loss": loss, "perplexity": float(np.exp(loss)), "token_accuracy": totals["correct"] / max(totals["tokens"], 1),
-            "exact_match": totals["exact"] / max(totals["rows"], 1), "examples": int(totals["rows"])}
+            totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
+    loss = float(totals["loss_sum"] / max(totals["tokens"], 1))
+    out = {"loss": loss, "perplexity": float(np.exp(loss)), "token_accuracy": float(totals["correct"] / max(totals["tokens"], 1)),
+           "exact_match": float(totals["exact"] / max(totals["rows"], 1)), "examples": int(totals["rows"])}
+    out.update(per_source(totals, names))
+    return out
+
+
+def per_source(stats: dict, names: list[str]) -> dict[str, float]:
+    """`loss/NAME` for each source with target tokens in `stats` (summed loss_by_source etc.)."""
+    if "loss_by_source" not in stats:
+        return {}
+    loss, tokens = np.asarray(stats["loss_by_source"]), np.asarray(stats["tokens_by_source"])
+    return {f"loss/{short_name(name)}": float(loss[i] / tokens[i]) for i, name in enumerate(names) if tokens[i] > 0}
+
+
+def short_name(source: str) -> str:
+    """recipe:trec -> trec, /data/chat.jsonl -> chat."""
+    return os.path.splitext(os.path.basename(source.removeprefix("recipe:").rstrip("/")))[0]
 
 
 def sample_conversations(cfg, eval_rec) -> list[list[dict]]:
@@ -110,17 +128,21 @@ def initial_state(setup: Setup, cfg):
 def run(cfg, workdir: str) -> dict:
     """Train per `cfg` in `workdir`; returns the results dict also written to results.json."""
     C.validate(cfg)
-    train_rec, eval_rec = pipeline.load_records(cfg)  # bad data fails fast, before any file is written
+    collected = pipeline.collect(cfg)  # bad data fails fast, before the model loads or any file is written
     setup = build(cfg)
     tok = setup.tokenizer
-    train_ex = pipeline.tokenize(train_rec, tok, cfg.data.max_length, "train data")
-    eval_ex = pipeline.tokenize(eval_rec, tok, cfg.data.max_length, "eval data") if eval_rec else None
-    convs = sample_conversations(cfg, eval_rec)
-    order = pipeline.batch_order(len(train_ex), cfg.train.batch_size, cfg.data.seed)
+    data = pipeline.prepare(collected, cfg, tok)
+    for name, rep in data.report.items():
+        log.info("data %s: %s", name, rep)
+    convs = sample_conversations(cfg, data.eval_records)
     micro = cfg.train.batch_size // cfg.train.grad_accum
     dp = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
     if micro % dp:
         raise UserError(f"train.batch_size: micro-batch {micro} is not divisible by the data-parallel size {dp}")
+    slots = None if cfg.data.packing else pipeline.head_slots(data.train, cfg.data.max_length)
+    loader = make_loader(data.train, data.weights, cfg.data, cfg.train.batch_size, tok.pad_token_id, slots,
+                         jax.process_index(), jax.process_count())
+    n_src = len(data.names)
 
     state, tx, sched = initial_state(setup, cfg)
     os.makedirs(workdir, exist_ok=True)
@@ -131,22 +153,24 @@ def run(cfg, workdir: str) -> dict:
     results = _read_json(results_path) or {}
     start = ckpt.latest_step() or 0
     if start:
-        state = ckpt.restore(start, state)
+        state = ckpt.restore(start, state, loader)
         log.info("resumed from %s at step %d", ckpt.dir, start)
     step_fn = make_train_step(setup.model, tx, sched, cfg.train.grad_accum, cfg.lora.enabled and cfg.lora.dropout > 0,
-                              cfg.train.seed, jax.tree.map(lambda x: x.sharding, state))
-    eval_step = make_eval_step(setup.model)
-    run_eval = None if eval_ex is None else (lambda trainable: evaluate(setup, eval_step, eval_ex, trainable, micro))
+                              cfg.train.seed, jax.tree.map(lambda x: x.sharding, state), n_src)
+    eval_step = make_eval_step(setup.model, n_src)
+    run_eval = None if data.eval is None else (
+        lambda trainable: evaluate(setup, eval_step, data.eval, trainable, micro, data.names))
     writer = Writer(workdir)
     try:
         if start == 0:
-            results = {"before": {}}
+            results = {"before": {}, "data": data.report}
+            _log_examples(writer, tok, data)
             if run_eval is not None:
                 results["before"]["eval"] = run_eval(state.trainable)
                 writer.scalars(0, results["before"]["eval"], "eval/")
                 log.info("eval before training: %s", _fmt(results["before"]["eval"]))
             results["before"]["samples"] = samples(setup, state.trainable, convs, cfg.train.sample_max_new_tokens)
-        state = _train_steps(cfg, setup, state, step_fn, train_ex, order, start, run_eval, writer, ckpt, results)
+        state = _train_steps(cfg, setup, state, step_fn, loader, data.names, start, run_eval, writer, ckpt, results)
         results["after"] = {"step": cfg.train.steps}
         if run_eval is not None:
             results["after"]["eval"] = run_eval(state.trainable)
@@ -162,13 +186,14 @@ def run(cfg, workdir: str) -> dict:
             log.info("sample %d: %r\n  before: %r\n  after:  %r", i, prompt, before, after)
     finally:  # also on errors and signals: finish pending async saves, flush events, keep results so far
         ckpt.close()
+        loader.close()
         writer.close()
         if jax.process_index() == 0:
             _write_json(results_path, results)
     return results
 
 
-def _train_steps(cfg, setup: Setup, state, step_fn, train_ex, order, start: int, run_eval, writer, ckpt,
+def _train_steps(cfg, setup: Setup, state, step_fn, loader, names, start: int, run_eval, writer, ckpt,
                  results: dict):
     """Steps start..train.steps: log every train.log_every, evaluate every train.eval_every,
     checkpoint every checkpoint.every and at the end; on SIGTERM/SIGINT checkpoint and raise."""
@@ -176,17 +201,21 @@ def _train_steps(cfg, setup: Setup, state, step_fn, train_ex, order, start: int,
                disable=jax.process_index() != 0, dynamic_ncols=True)
     t_last, tok_since, compiled_at = time.perf_counter(), 0, None
     run_tokens, run_secs = 0, 0.0
+    real, slots = 0, 0  # non-pad and total positions: packing / bucketing efficiency
     with StopRequest() as stop, bar:
         for step in bar:
-            batch = train_ex.batch(order[step])
-            state, m = step_fn(state, setup.frozen, place_batch(batch, setup.mesh))
-            tok_since += int(batch["valid"].sum())
+            batch = next(loader)
+            state, m = step_fn(state, setup.frozen, place_batch(batch, setup.mesh, local=True))
+            n_real = int(batch["valid"].sum()) * jax.process_count()
+            tok_since += n_real
+            real, slots = real + n_real, slots + batch["valid"].size * jax.process_count()
             if compiled_at is None:  # the first step includes compilation; rates start after it
                 jax.block_until_ready(m)
                 t_last, tok_since, compiled_at = time.perf_counter(), 0, step + 1
             done = step + 1
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                m = {k: float(v) for k, v in m.items()}
+                m = {**{k: float(v) for k, v in m.items() if np.ndim(v) == 0}, **per_source(m, names)}
+                m["nonpad_fraction"] = results["nonpad_fraction"] = real / slots
                 if not np.isfinite(m["loss"]):  # checked at logging time only: no per-step host sync
                     raise UserError(f"optim.lr: the loss is {m['loss']} at step {done}; lower the learning rate "
                                     f"(or check the data); the last checkpoint is step {ckpt.latest_step()}")
@@ -204,7 +233,7 @@ def _train_steps(cfg, setup: Setup, state, step_fn, train_ex, order, start: int,
                 writer.scalars(done, ev, "eval/")
                 log.info("eval at step %d: %s", done, _fmt(ev))
             if done % cfg.checkpoint.every == 0 or done == cfg.train.steps or stop.signal is not None:
-                ckpt.save(done, state)
+                ckpt.save(done, state, loader)
             if stop.signal is not None:
                 raise Interrupted(f"stopped by signal {stop.signal} after step {done}; checkpoint saved in "
                                   f"{ckpt.dir}. Run the same command again to resume.")
@@ -216,6 +245,14 @@ def _read_json(path: str):
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def _log_examples(writer, tokenizer, data, n: int = 3) -> None:
+    """The first training examples of each source with their target tokens in bold (TensorBoard)."""
+    for name, store in zip(data.names, data.train, strict=True):
+        for i in range(min(n, len(store))):
+            ids, mask = store.example(i)
+            writer.text(0, f"data/{short_name(name)}/{i}", f"`{store.wheres[i]}`\n\n" + highlight(tokenizer, ids, mask, "markdown"))
 
 
 def _write_config(cfg, path: str) -> None:

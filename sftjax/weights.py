@@ -223,6 +223,27 @@ def embedded_model_path() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+def load_tokenizer(path: str):
+    """Only the tokenizer (and chat template) of a HF folder or .gguf file: no weights are read."""
+    if path == DEFAULT_MODEL:
+        path = embedded_model_path()
+    if path.endswith(".gguf"):
+        from gguf import GGUFReader
+
+        from sftjax.gguf_file import tokenizer_from_gguf
+
+        tok = tokenizer_from_gguf(GGUFReader(path), path)
+    elif os.path.isdir(path):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    else:
+        raise UserError(f"model.path: {path!r} is neither a HF model folder nor a .gguf file")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_pretrained(path: str):
     """A HF folder or a .gguf file (or DEFAULT_MODEL) -> (LlamaConfig, numpy params, tokenizer)."""
     if path == DEFAULT_MODEL:

@@ -72,7 +72,11 @@ def test_batches_shift_targets_and_gather_target_slots(smol_tokenizer):
 
     recs = [Record(f"r:{i}", ({"role": "user", "content": f"Question {i}?"},
                               {"role": "assistant", "content": "Yes."})) for i in range(4)]
-    ex = tokenize(recs, smol_tokenizer, 64, "test")
+    from sftjax.config import base_config
+
+    dcfg = base_config().data
+    dcfg.max_length = 64
+    ex = tokenize(recs, smol_tokenizer, dcfg, "test")
     assert ex.head_slots == 8  # "Yes." + <|im_end|> is 3 targets -> 8 slots
     b = ex.batch(np.arange(4))
     row_ids, row_mask = ex.ids[0], ex.targets[0]
@@ -80,5 +84,5 @@ def test_batches_shift_targets_and_gather_target_slots(smol_tokenizer):
     got = b["labels"][0][b["weights"][0] > 0]
     assert np.array_equal(got, want)
     # The input at each gathered position is the token right before its label.
-    pos = b["positions"][0][b["weights"][0] > 0]
+    pos = b["head_positions"][0][b["weights"][0] > 0]
     assert np.array_equal(b["input_ids"][0][pos], row_ids[np.flatnonzero(row_mask[1:])])

@@ -22,8 +22,7 @@ def _steps(cfg, n=2, sgd=False):
     if sgd:
         tx = optax.sgd(1.0)
         state = state.replace(opt_state=tx.init(state.trainable))
-    train_rec, _ = pipeline.load_records(cfg)
-    ex = pipeline.tokenize(train_rec, setup.tokenizer, cfg.data.max_length, "t")
+    ex = pipeline.tokenize(pipeline.collect(cfg).train[0], setup.tokenizer, cfg.data, "t")
     order = pipeline.batch_order(len(ex), cfg.train.batch_size, 0)
     fn = make_train_step(setup.model, tx, sched, cfg.train.grad_accum, False, 0,
                          jax.tree.map(lambda x: x.sharding, state))

@@ -94,8 +94,7 @@ def test_lora_frozen_untouched_and_opt_state_only_for_trainable(tiny_config):
     assert sum(x.size for x in opt_leaves) == 2 * n_train
     assert all(k.endswith(("lora_a", "lora_b")) for k in flatten(setup.trainable))
 
-    train_rec, _ = pipeline.load_records(cfg)
-    ex = pipeline.tokenize(train_rec, setup.tokenizer, cfg.data.max_length, "t")
+    ex = pipeline.tokenize(pipeline.collect(cfg).train[0], setup.tokenizer, cfg.data, "t")
     order = pipeline.batch_order(len(ex), cfg.train.batch_size, 0)
     step = make_train_step(setup.model, tx, sched, 1, False, 0)
     for i in range(3):

@@ -22,7 +22,8 @@ def render(tokenizer, messages, add_generation_prompt: bool = False) -> str:
 def assistant_spans(tokenizer, record: Record) -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the [start, end) character spans of every assistant turn."""
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError("model: the tokenizer has no chat template; use a model that ships one")
+        raise UserError("data.chat_template: the tokenizer has no chat template; set data.chat_template to "
+                        "chatml, llama-3, alpaca or a .jinja file")
     msgs = record.messages
     text = render(tokenizer, msgs)
     spans = []
@@ -39,15 +40,29 @@ def assistant_spans(tokenizer, record: Record) -> tuple[str, list[tuple[int, int
     return text, spans
 
 
-def encode(tokenizer, record: Record) -> tuple[np.ndarray, np.ndarray]:
-    """(ids int32 [n], loss mask bool [n]); mask[i] says token i is a target (assistant) token."""
+def encode(tokenizer, record: Record, loss_on: str = "assistant") -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32 [n], loss mask bool [n]); mask[i] says token i is a target.
+
+    `loss_on`: "assistant" (every assistant turn), "last_assistant" (only the final one) or
+    "all" (every token). Plain-text records train on every token, with the tokenizer's
+    special tokens and a closing end-of-sequence token so the model learns where text ends.
+    """
+    if record.text is not None:
+        ids = list(tokenizer(record.text, add_special_tokens=True)["input_ids"])
+        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids.append(tokenizer.eos_token_id)
+        return np.asarray(ids, np.int32), np.ones(len(ids), bool)
     text, spans = assistant_spans(tokenizer, record)
+    if loss_on == "last_assistant":
+        spans = spans[-1:]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = np.asarray(enc["input_ids"], np.int32)
-    mask = np.zeros(len(ids), bool)
-    for i, (s, e) in enumerate(enc["offset_mapping"]):
-        mask[i] = e > s and any(s >= a and e <= b for a, b in spans)
-    return ids, mask
+    if loss_on == "all":
+        return ids, np.ones(len(ids), bool)
+    off = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
+    s, e = off[:, :1], off[:, 1:]
+    inside = (s >= np.asarray([a for a, _ in spans])) & (e <= np.asarray([b for _, b in spans]))
+    return ids, (e[:, 0] > s[:, 0]) & inside.any(1)
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> np.ndarray:
