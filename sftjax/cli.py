@@ -88,9 +88,8 @@ def _load_workdir(workdir: str):
     with open(path) as f:
         cfg = from_json(f.read())
     from sftjax.checkpoint import Checkpointer
-    from sftjax.setup import build
-
     from sftjax.data.templates import resolve
+    from sftjax.setup import build
 
     setup = build(cfg)
     resolve(setup.tokenizer, cfg.data.chat_template)  # generate with the template training used
