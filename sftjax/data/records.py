@@ -1,18 +1,15 @@
-"""Read records from JSONL and normalise every supported shape to chat `messages`.
+"""Read records from a data source: rows from `sources`, each turned into a `Record` by `formats`.
 
-Each record keeps where it came from (`file:line`) so any problem found later, here or while
-templating, can name the exact line to fix.
+Each record keeps where it came from (`file:line` or `file#row`) so any problem found later, here
+or while templating, can name the exact place to fix.
 """
 
 from __future__ import annotations
 
-import json
-import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from sftjax.errors import UserError
-
-ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -30,77 +27,34 @@ class Record:
     tags: tuple[str, ...] | None = None
 
 
-def read_jsonl(path: str, fmt: str = "auto") -> list[Record]:
-    """All records of a JSONL file as chat messages; a bad line raises naming path:line."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: data file not found")
-    out = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{where}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            out.append(Record(where, to_messages(obj, fmt, where)))
-    if not out:
+def read_records(path: str, fmt: str = "auto", labels: tuple = (), instruction: str = "") -> Iterator[Record]:
+    """Stream the records of a data source, one row at a time.
+
+    Args:
+        path: a data file, a `datasets` folder or `hf:LOADER:FILE` (see `sources.iter_rows`).
+        fmt: `data.format`: a name in `formats.FORMATS`; "auto" picks each row's format from its keys.
+        labels: `data.labels`: allowed class labels or entity types; empty allows any.
+        instruction: `data.instruction`: system prompt for classification and token records.
+
+    Raises:
+        UserError: the source or a row is bad (the message names `path:line` or `path#row`), or
+            the source holds no rows.
+    """
+    # formats builds Records, so it imports this module; importing it here keeps that one-way.
+    from sftjax.data.formats import FORMATS, to_record
+    from sftjax.data.sources import iter_rows
+
+    if fmt not in FORMATS:
+        raise UserError(f"data.format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    rows = iter_rows(path)
+    empty = True
+    for where, obj in rows:
+        empty = False
+        yield to_record(obj, fmt, where, labels, instruction)
+    if empty:
         raise UserError(f"{path}: no records (the file is empty)")
-    return out
 
 
-def to_messages(obj, fmt: str, where: str) -> tuple[dict, ...]:
-    if not isinstance(obj, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    if fmt == "auto":
-        fmt = "messages" if "messages" in obj else "alpaca" if "instruction" in obj else ""
-        if not fmt:
-            raise UserError(f"{where}: cannot tell the record format: expected a 'messages' list or "
-                            f"'instruction'/'output' fields (found keys: {', '.join(obj) or 'none'})")
-    if fmt == "messages":
-        return _messages(obj, where)
-    if fmt == "alpaca":
-        return _alpaca(obj, where)
-    raise UserError(f"data.format: {fmt!r} is not one of auto, messages, alpaca")
-
-
-def _text(obj: dict, key: str, where: str, required: bool = True) -> str:
-    v = obj.get(key)
-    if v is None and not required:
-        return ""
-    if not isinstance(v, str):
-        what = "missing" if v is None else f"a {type(v).__name__}, not a string"
-        raise UserError(f"{where}: field {key!r} is {what}")
-    if required and not v.strip():
-        raise UserError(f"{where}: field {key!r} is empty")
-    return v
-
-
-def _messages(obj: dict, where: str) -> tuple[dict, ...]:
-    msgs = obj.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise UserError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
-    out = []
-    for i, m in enumerate(msgs):
-        at = f"{where}: messages[{i}]"
-        if not isinstance(m, dict):
-            raise UserError(f"{at} is not an object")
-        role = m.get("role")
-        if role not in ROLES:
-            raise UserError(f"{at}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        out.append({"role": role, "content": _text(m, "content", at)})
-    if not any(m["role"] == "assistant" for m in out):
-        raise UserError(f"{where}: no assistant message, so nothing to train on")
-    return tuple(out)
-
-
-def _alpaca(obj: dict, where: str) -> tuple[dict, ...]:
-    instruction = _text(obj, "instruction", where)
-    extra = _text(obj, "input", where, required=False)
-    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    return ({"role": "user", "content": prompt}, {"role": "assistant", "content": _text(obj, "output", where)})
+def read_jsonl(path: str, fmt: str = "auto") -> list[Record]:
+    """All records of a source as a list (the name predates other file types)."""
+    return list(read_records(path, fmt))
