@@ -30,7 +30,8 @@ def assistant_spans(tokenizer, record: Record) -> tuple[str, list[tuple[int, int
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        start = len(render(tokenizer, msgs[:i], add_generation_prompt=True))
+        # (A conversation that opens with a reply has no prompt to render: its span starts at 0.)
+        start = len(render(tokenizer, msgs[:i], add_generation_prompt=True)) if i else 0
         upto = render(tokenizer, msgs[: i + 1])
         end = len(upto.rstrip())
         if not text.startswith(upto) or not upto[start:].lstrip().startswith(m["content"].strip()[:16]):

@@ -24,7 +24,7 @@ from sftjax.data.tokens import TokenStore
 from sftjax.errors import UserError
 
 FEATURES = ("inputs", "labels", "weights", "source")
-PACK_BINS = 64  # rows filled at once by first-fit packing; more bins, less padding
+PACK_BINS = 256  # rows filled at once by best-fit packing; more bins, less padding
 
 
 def bucket_edges(lengths: np.ndarray, n_buckets: int, max_len: int) -> list[int]:
@@ -101,7 +101,7 @@ def shard_dataset(stores: list[TokenStore], weights: list[float], dcfg, shard: i
     if dcfg.packing:
         streams = [_stream(st, _shard_rows(np.arange(len(st)), shard, num_shards), s, seed + 97 * s, None, pad_id)
                    for s, st in enumerate(stores)]
-        packed = grain.experimental.FirstFitPackIterDataset(
+        packed = grain.experimental.BestFitPackIterDataset(
             _mix(streams, weights), length_struct={k: length for k in FEATURES}, num_packing_bins=max(PACK_BINS, local_batch),
             seed=seed, shuffle_bins=True)
         return packed.map(_packed_row).batch(local_batch, batch_fn=_stack)

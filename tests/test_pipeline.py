@@ -1,0 +1,164 @@
+"""The training data path: token store and mask audit, packing, buckets, mixtures, shards, resume."""
+
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from sftjax.config import base_config
+from sftjax.data.loader import make_loader
+from sftjax.data.records import Record
+from sftjax.data.tokens import TokenStore, encode_records
+from sftjax.errors import UserError
+
+
+def _store(n, lo, hi, seed, vocab=1000):
+    """Random examples; the second half of each is its target."""
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(lo, hi, n)
+    ids = [rng.integers(3, vocab, k).astype(np.int32) for k in lens]
+    tgt = [np.arange(k) >= k // 2 for k in lens]
+    return TokenStore(np.concatenate(ids), np.concatenate(tgt), np.concatenate([[0], np.cumsum(lens)]),
+                      [f"s{seed}#{i}" for i in range(n)])
+
+
+def _dcfg(**kw) -> ConfigDict:
+    d = base_config().data
+    d.max_length = 64
+    d.update(kw)
+    return d
+
+
+def _chat(i, replies=("Fine.",)):
+    msgs = [{"role": "system", "content": "Be brief."}]
+    for r in replies:
+        msgs += [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": r}]
+    return Record(f"t:{i}", tuple(msgs))
+
+
+def test_loss_modes_and_mask_audit(smol_tokenizer):
+    recs = [_chat(i, ("One.", "Two.")) for i in range(3)]
+    runs = {}
+    for mode in ("assistant", "last_assistant", "all"):
+        store, removed = encode_records(recs, smol_tokenizer, _dcfg(loss_on=mode), "t")
+        ids, mask = store.example(0)
+        runs[mode] = smol_tokenizer.decode(ids[mask])
+        assert removed == {"too_long": 0, "too_short": 0, "no_targets": 0}
+    assert runs["assistant"] == "One.<|im_end|>Two.<|im_end|>"
+    assert runs["last_assistant"] == "Two.<|im_end|>"
+    assert runs["all"] == smol_tokenizer.decode(store.example(0)[0])
+    # A template without turn markers makes the mask cover every token: the audit refuses it.
+    tok = smol_tokenizer
+    old = tok.chat_template
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    try:
+        only_replies = [Record(f"t:{i}", ({"role": "assistant", "content": f"Reply number {i}."},)) for i in range(3)]
+        with pytest.raises(UserError, match="covers every token"):
+            encode_records(only_replies, tok, _dcfg(), "t")
+    finally:
+        tok.chat_template = old
+
+
+def test_truncation_counts_and_never_silently_loses_targets(smol_tokenizer):
+    long_user = Record("t:long", ({"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "Ok."}))
+    recs = [long_user] + [_chat(i) for i in range(3)]
+    store, removed = encode_records(recs, smol_tokenizer, _dcfg(max_length=32), "t")
+    assert removed["no_targets"] == 1 and len(store) == 3  # right truncation cut the reply away: counted
+    store, removed = encode_records(recs, smol_tokenizer, _dcfg(max_length=32, truncation="left"), "t")
+    assert removed["no_targets"] == 0 and len(store) == 4  # left truncation keeps the reply
+    assert smol_tokenizer.decode(store.example(0)[0][store.example(0)[1]]) == "Ok.<|im_end|>"
+    store, removed = encode_records(recs, smol_tokenizer, _dcfg(max_length=32, truncation="drop"), "t")
+    assert removed["too_long"] == 1 and len(store) == 3
+    with pytest.raises(UserError, match="t:long: no target token left"):
+        encode_records(recs, smol_tokenizer, _dcfg(max_length=32, on_no_targets="raise"), "t")
+    store, removed = encode_records(recs, smol_tokenizer, _dcfg(max_length=128, min_tokens=30), "t")
+    assert removed["too_short"] == 3 and len(store) == 1
+    with pytest.raises(UserError, match="no usable examples"):
+        encode_records(recs[1:], smol_tokenizer, _dcfg(min_tokens=1000), "t")
+
+
+def test_plain_text_trains_every_token(smol_tokenizer):
+    store, _ = encode_records([Record("t:1", text="Plain text for continued pre-training.")], smol_tokenizer,
+                              _dcfg(), "t")
+    ids, mask = store.example(0)
+    assert mask.all() and ids[-1] == smol_tokenizer.eos_token_id
+
+
+def test_packed_rows_attend_within_segments_only(tiny_model_dir):
+    """Each packed example's logits equal the logits of that example run alone (to 1e-5)."""
+    import jax
+
+    from sftjax.models.llama import Llama
+    from sftjax.weights import load_pretrained
+
+    cfg, params, _ = load_pretrained(tiny_model_dir)
+    model = Llama(cfg)
+    store = _store(40, 4, 30, 0, vocab=cfg.vocab_size)
+    loader = make_loader([store], [1.0], _dcfg(packing=True), 4, 0, None, prefetch=0)
+    batch = next(loader)
+    loader.close()
+    assert batch["input_ids"].shape == (4, 64) and (batch["segment_ids"].max(1) >= 2).all()
+    packed = model.apply({"params": params}, batch["input_ids"], batch["valid"], positions=batch["position_ids"],
+                         segment_ids=batch["segment_ids"])
+    alone_fn = jax.jit(lambda ids: model.apply({"params": params}, ids))
+    checked = 0
+    for r in range(4):
+        for seg in range(1, batch["segment_ids"][r].max() + 1):
+            cols = np.flatnonzero(batch["segment_ids"][r] == seg)
+            assert np.array_equal(batch["position_ids"][r, cols], np.arange(len(cols)))
+            alone = alone_fn(batch["input_ids"][r, cols][None])
+            np.testing.assert_allclose(np.asarray(packed[r, cols]), np.asarray(alone[0]), atol=1e-5, rtol=0)
+            # Labels are the example's own next tokens: nothing crosses into the next segment.
+            checked += 1
+    assert checked >= 8
+
+
+def test_packing_efficiency_and_bucket_shapes():
+    stores = [_store(300, 5, 60, 1)]
+    loader = make_loader(stores, [1.0], _dcfg(packing=True, max_length=256), 8, 0, None, prefetch=0)
+    fill = np.mean([next(loader)["valid"].mean() for _ in range(20)])
+    loader.close()
+    assert fill > 0.95
+    loader = make_loader(stores, [1.0], _dcfg(buckets=3), 8, 0, None, prefetch=0)
+    shapes = {next(loader)["input_ids"].shape for _ in range(40)}
+    loader.close()
+    assert 1 < len(shapes) <= 3 and all(s[0] == 8 and s[1] % 8 == 0 for s in shapes)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_mixture_ratio_and_resume_position(packing):
+    stores = [_store(200, 5, 30, 2), _store(100, 5, 30, 3)]
+    d = _dcfg(packing=packing)
+    loader = make_loader(stores, [0.8, 0.2], d, 8, 0, None)
+    seen = []
+    for _ in range(30):
+        b = next(loader)
+        starts = (b["segment_ids"] > 0) & (b["position_ids"] == 0) if packing else np.zeros_like(b["valid"])
+        if not packing:
+            starts[:, 0] = True
+        seen.append(b["source"][starts])
+    state = loader.get_state()
+    want = [next(loader) for _ in range(3)]
+    loader.close()
+    src = np.concatenate(seen)
+    assert abs((src == 1).mean() - 0.2) < 0.05, (src == 1).mean()
+    again = make_loader(stores, [0.8, 0.2], d, 8, 0, None)
+    again.set_state(state)
+    got = [next(again) for _ in range(3)]
+    again.close()
+    for a, b in zip(want, got, strict=True):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_read_disjoint_halves_of_the_same_global_batch():
+    stores = [_store(64, 5, 30, 4)]
+    d = _dcfg(num_shards=2)
+    whole = make_loader(stores, [1.0], d, 8, 0, None, prefetch=0)
+    halves = [make_loader(stores, [1.0], d, 8, 0, None, process_index=p, process_count=2, prefetch=0) for p in (0, 1)]
+    for _ in range(3):
+        g, h0, h1 = next(whole), next(halves[0]), next(halves[1])
+        assert np.array_equal(g["input_ids"], np.concatenate([h0["input_ids"], h1["input_ids"]]))
+        assert not set(map(tuple, h0["input_ids"])) & set(map(tuple, h1["input_ids"]))
+    for ld in [whole, *halves]:
+        ld.close()
+    with pytest.raises(UserError, match="data.num_shards"):
+        make_loader(stores, [1.0], _dcfg(num_shards=3), 8, 0, None, process_count=2)
