@@ -23,7 +23,7 @@ def test_two_process_run_matches_single_process(tiny_model_dir, tmp_path):
         f"    c.model.path = {tiny_model_dir!r}\n"
         f"    c.data.train = {os.path.join(ROOT, 'tests', 'data', 'chat.jsonl')!r}\n"
         "    c.data.max_length = 64\n    c.train.steps = 3\n    c.train.batch_size = 8\n"
-        "    c.optim.lr = 1e-2\n    c.optim.warmup_steps = 0\n    c.checkpoint.every = 3\n    return c\n")
+        "    c.data.num_shards = 2\n    c.optim.lr = 1e-2\n    c.optim.warmup_steps = 0\n    c.checkpoint.every = 3\n    return c\n")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PATH=os.path.dirname(sys.executable) + ":" + os.environ["PATH"])
     multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
     r = subprocess.run(["bash", os.path.join(ROOT, "launch", "local.sh"), "2", f"--config={cfg_file}",
