@@ -185,7 +185,8 @@ def test_detect_ambiguous_and_unknown():
     with pytest.raises(UserError) as e:
         detect({"question": "a", "answer": "b"}, "f.jsonl:5")
     msg = str(e.value)
-    assert msg.startswith("f.jsonl:5: cannot tell the record format (found keys: question, answer); known formats: ")
+    assert msg.startswith("f.jsonl:5: cannot tell the record format (found keys: question, answer); rename the fields "
+                          "to match one of the known formats: ")
     assert "sharegpt (conversations: [{from, value}, ...])" in msg and "classification (text, label)" in msg
 
 

@@ -51,7 +51,8 @@ def detect(obj: dict, where: str) -> str:
         raise UserError(f"{where}: ambiguous record format: the keys ({keys}) fit {fits}; "
                         "set data.format to the one to train on")
     known = "; ".join(f"{f} ({fields})" for f, fields in FIELDS.items())
-    raise UserError(f"{where}: cannot tell the record format (found keys: {keys}); known formats: {known}")
+    raise UserError(f"{where}: cannot tell the record format (found keys: {keys}); rename the fields to match "
+                    f"one of the known formats: {known}")
 
 
 def to_record(obj: dict, fmt: str, where: str, labels: tuple = (), instruction: str = "") -> Record:

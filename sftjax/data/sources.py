@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 from sftjax.errors import UserError
 
@@ -92,21 +92,17 @@ def read_json(path: str) -> Iterator[Row]:
 
 
 def read_csv(path: str) -> Iterator[Row]:
-    """Comma- (`.csv`) or tab-separated (`.tsv`) rows keyed by the header row's column names."""
-    lines = text_lines(path)
-    position = [0]  # line number of the line the csv reader took last
+    """Comma- (`.csv`) or tab-separated (`.tsv`) rows keyed by the header row's column names.
 
-    def feed() -> Iterable[str]:
-        for lineno, line in lines:
-            position[0] = lineno
-            yield line
-
-    reader = csv.reader(feed(), delimiter="\t" if path.lower().endswith(".tsv") else ",")
+    A quoted cell may span lines; the row is named by its first line.
+    """
+    lines = (line for _, line in text_lines(path))
+    reader = csv.reader(lines, delimiter="\t" if path.lower().endswith(".tsv") else ",")
     try:
         header = next(reader, None)
-        start = position[0] + 1
+        start = reader.line_num + 1  # line_num: lines consumed so far, so the next row's first line
         for cells in reader:
-            where, start = f"{path}:{start}", position[0] + 1
+            where, start = f"{path}:{start}", reader.line_num + 1
             if not cells:
                 continue
             if len(cells) != len(header):
@@ -114,7 +110,7 @@ def read_csv(path: str) -> Iterator[Row]:
                                 f"({', '.join(header)})")
             yield where, dict(zip(header, cells, strict=True))
     except csv.Error as e:
-        raise UserError(f"{path}:{position[0]}: malformed CSV ({e})") from None
+        raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
 
 
 def read_parquet(path: str) -> Iterator[Row]:
