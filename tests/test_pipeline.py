@@ -162,3 +162,39 @@ def test_two_processes_read_disjoint_halves_of_the_same_global_batch():
         ld.close()
     with pytest.raises(UserError, match="data.num_shards"):
         make_loader(stores, [1.0], _dcfg(num_shards=3), 8, 0, None, process_count=2)
+
+
+def test_packed_mixture_run_reports_each_source(tiny_config, tmp_path, capsys):
+    """A packed two-source run: per-source train/eval loss, data report and examples in TensorBoard."""
+    import os
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sftjax.cli import main
+    from sftjax.train import run
+
+    data = os.path.dirname(tiny_config.data.train)
+    cfg = tiny_config
+    cfg.data.train = ""
+    cfg.data.mixture = ((cfg_path := os.path.join(data, "chat.jsonl"), 0.75),
+                        (os.path.join(data, "formats", "sharegpt.jsonl"), 0.25))
+    cfg.data.packing = True
+    cfg.data.max_length = 128
+    cfg.train.batch_size = 4
+    results = run(cfg, str(tmp_path / "w"))
+    assert set(results["data"]) == {cfg_path, cfg.data.mixture[1][0]}
+    assert all(r["examples"] > 0 for r in results["data"].values())
+    ev = EventAccumulator(str(tmp_path / "w" / "tb"), size_guidance={"tensors": 0})
+    ev.Reload()
+    tags = ev.Tags()
+    assert {"train/loss/chat", "train/nonpad_fraction"} <= set(tags["scalars"])
+    assert any(t.startswith("data/chat/0") for t in tags["tensors"])
+    assert "loss/chat" in results["after"]["eval"]
+
+    # The same data as the CLI shows it: counts per source, trained tokens in [[brackets]].
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text("from sftjax.config import base_config\n\n\ndef get_config():\n    c = base_config()\n"
+                        f"    c.model.path = {tiny_config.model.path!r}\n    c.data.train = {cfg_path!r}\n    return c\n")
+    assert main(["data", "inspect", f"--config={cfg_file}", "-n", "1", "--config.data.loss_on=last_assistant"]) == 0
+    out = capsys.readouterr().out
+    assert "% trained" in out and "[[" in out and "<|im_end|>]]" in out

@@ -58,8 +58,8 @@ def test_resume_after_crash_equals_uninterrupted(tiny_config, tmp_path, monkeypa
 
     real_save = Checkpointer.save
 
-    def save_then_die(self, step, state):
-        real_save(self, step, state)
+    def save_then_die(self, step, state, data=None):
+        real_save(self, step, state, data)
         if step == 2:
             self.close()
             raise Preempted

@@ -62,7 +62,9 @@ def encode(tokenizer, record: Record, loss_on: str = "assistant") -> tuple[np.nd
         return ids, np.ones(len(ids), bool)
     off = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
     s, e = off[:, :1], off[:, 1:]
-    inside = (s >= np.asarray([a for a, _ in spans])) & (e <= np.asarray([b for _, b in spans]))
+    # A token is a target when it starts inside a reply's span: one that straddles the end (a BPE
+    # merge across the end-of-turn marker) is what the model must emit to close the turn.
+    inside = (s >= np.asarray([a for a, _ in spans])) & (s < np.asarray([b for _, b in spans]))
     return ids, (e[:, 0] > s[:, 0]) & inside.any(1)
 
 

@@ -171,7 +171,7 @@ class Prepared:
 def prepare(collected: Collected, cfg, tokenizer) -> Prepared:
     """Tokenise with the loss mask (chat template per data.chat_template); report per source."""
     d = cfg.data
-    templates.resolve(tokenizer, d.chat_template)
+    templates.resolve(tokenizer, d.chat_template, model=cfg.model.path)
     stores, report = [], {k: dict(v) for k, v in collected.report.items()}
     for name, recs in zip(collected.names, collected.train, strict=True):
         store, dropped = encode_records(recs, tokenizer, d, name)
