@@ -225,3 +225,33 @@ def test_loader_position_saved_in_the_orbax_step(tmp_path):
     ckpt.close()
     for a, b in zip(want, got, strict=True):
         assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_collect_errors_and_eval_file(tmp_path):
+    import json
+
+    from sftjax.data.pipeline import collect
+
+    def write(name, rows):
+        p = tmp_path / name
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(p)
+
+    cfg = base_config()
+    cfg.data.train = write("empty.jsonl", [{"prompt": "a", "completion": " "}, {"prompt": "b", "completion": ""}])
+    with pytest.raises(UserError, match=r"empty.jsonl: no records left after filtering .*empty_reply.: 2"):
+        collect(cfg)
+    cfg.data.train = write("train.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(10)])
+    cfg.data.eval = write("eval.jsonl", [{"prompt": "x", "completion": "y"}])
+    got = collect(cfg)
+    assert len(got.train[0]) == 10 and [r.where for r in got.eval] == [f"{cfg.data.eval}:1"]
+    cfg.data.eval, cfg.data.eval_fraction = "", 0.2
+    got = collect(cfg)
+    assert len(got.train[0]) == 8 and len(got.eval) == 2
+    assert not {r.where for r in got.train[0]} & {r.where for r in got.eval}
+    cfg.data.mixture = ((cfg.data.train, 1.0),)
+    with pytest.raises(UserError, match="either data.train or data.mixture"):
+        collect(cfg)
+    cfg.data.train, cfg.data.mixture = "", ((cfg.data.mixture[0][0], 0),)
+    with pytest.raises(UserError, match=r"data.mixture\[0\]"):
+        collect(cfg)
