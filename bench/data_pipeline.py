@@ -40,8 +40,7 @@ def main() -> None:
     cfg.data.train, cfg.data.max_length, cfg.data.eval_fraction = a.source, a.max_length, 0.0
     tok = load_tokenizer(cfg.model.path)
     t = time.perf_counter()
-    collected = pipeline.collect(cfg)
-    data = pipeline.prepare(collected, cfg, tok)
+    data = pipeline.load(cfg, tok)
     prep = time.perf_counter() - t
     n = len(data.train[0])
     print(f"source {a.source}: {data.report[a.source]}")

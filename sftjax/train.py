@@ -32,6 +32,7 @@ from sftjax.optim import make_optimizer
 from sftjax.setup import Setup, build
 from sftjax.sharding import place_batch
 from sftjax.step import TrainState, make_eval_step, make_train_step
+from sftjax.weights import load_tokenizer
 
 log = logging.getLogger("sftjax")
 
@@ -128,10 +129,10 @@ def initial_state(setup: Setup, cfg):
 def run(cfg, workdir: str) -> dict:
     """Train per `cfg` in `workdir`; returns the results dict also written to results.json."""
     C.validate(cfg)
-    collected = pipeline.collect(cfg)  # bad data fails fast, before the model loads or any file is written
+    tok = load_tokenizer(cfg.model.path)
+    data = pipeline.load(cfg, tok)  # bad data fails fast, before the model loads or any file is written
     setup = build(cfg)
-    tok = setup.tokenizer
-    data = pipeline.prepare(collected, cfg, tok)
+    setup.tokenizer = tok  # the same tokenizer, with data.chat_template applied (samples use it too)
     for name, rep in data.report.items():
         log.info("data %s: %s", name, rep)
     convs = sample_conversations(cfg, data.eval_records)

@@ -227,10 +227,10 @@ def test_loader_position_saved_in_the_orbax_step(tmp_path):
         assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_collect_errors_and_eval_file(tmp_path):
+def test_load_errors_and_eval_split(tmp_path, smol_tokenizer):
     import json
 
-    from sftjax.data.pipeline import collect
+    from sftjax.data.pipeline import load
 
     def write(name, rows):
         p = tmp_path / name
@@ -240,18 +240,21 @@ def test_collect_errors_and_eval_file(tmp_path):
     cfg = base_config()
     cfg.data.train = write("empty.jsonl", [{"prompt": "a", "completion": " "}, {"prompt": "b", "completion": ""}])
     with pytest.raises(UserError, match=r"empty.jsonl: no records left after filtering .*empty_reply.: 2"):
-        collect(cfg)
-    cfg.data.train = write("train.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(10)])
+        load(cfg, smol_tokenizer)
+    cfg.data.train = write("train.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(100)])
     cfg.data.eval = write("eval.jsonl", [{"prompt": "x", "completion": "y"}])
-    got = collect(cfg)
-    assert len(got.train[0]) == 10 and [r.where for r in got.eval] == [f"{cfg.data.eval}:1"]
+    got = load(cfg, smol_tokenizer)
+    assert len(got.train[0]) == 100 and [r.where for r in got.eval_records] == [f"{cfg.data.eval}:1"]
     cfg.data.eval, cfg.data.eval_fraction = "", 0.2
-    got = collect(cfg)
-    assert len(got.train[0]) == 8 and len(got.eval) == 2
-    assert not {r.where for r in got.train[0]} & {r.where for r in got.eval}
+    got = load(cfg, smol_tokenizer)
+    n_eval = len(got.eval)
+    assert 10 <= n_eval <= 30 and len(got.train[0]) + n_eval == 100  # a hashed 20%, the same every run
+    assert got.report[cfg.data.train]["held_out"] == n_eval
+    assert not set(got.train[0].wheres) & {r.where for r in got.eval_records}
+    assert [r.where for r in load(cfg, smol_tokenizer).eval_records] == [r.where for r in got.eval_records]
     cfg.data.mixture = ((cfg.data.train, 1.0),)
     with pytest.raises(UserError, match="either data.train or data.mixture"):
-        collect(cfg)
+        load(cfg, smol_tokenizer)
     cfg.data.train, cfg.data.mixture = "", ((cfg.data.mixture[0][0], 0),)
     with pytest.raises(UserError, match=r"data.mixture\[0\]"):
-        collect(cfg)
+        load(cfg, smol_tokenizer)

@@ -6,6 +6,7 @@ import optax
 import pytest
 
 from sftjax.data import pipeline
+from sftjax.data.records import read_jsonl
 from sftjax.errors import UserError
 from sftjax.params import flatten
 from sftjax.setup import build
@@ -22,7 +23,7 @@ def _steps(cfg, n=2, sgd=False):
     if sgd:
         tx = optax.sgd(1.0)
         state = state.replace(opt_state=tx.init(state.trainable))
-    ex = pipeline.tokenize(pipeline.collect(cfg).train[0], setup.tokenizer, cfg.data, "t")
+    ex = pipeline.tokenize(read_jsonl(cfg.data.train), setup.tokenizer, cfg.data, "t")
     order = pipeline.batch_order(len(ex), cfg.train.batch_size, 0)
     fn = make_train_step(setup.model, tx, sched, cfg.train.grad_accum, False, 0,
                          jax.tree.map(lambda x: x.sharding, state))

@@ -15,7 +15,7 @@ import logging
 import re
 import unicodedata
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from datasketch import MinHash, MinHashLSH
 
@@ -95,6 +95,76 @@ def shingles(text: str) -> set[bytes]:
     return set(map(b" ".join, zip(*(words[i:] for i in range(n)), strict=False)))
 
 
+class RecordFilter:
+    """The filters as a streaming check: `reason(record)` says why to drop it, or None to keep.
+
+    State is only what deduplication needs (a 16-byte digest per kept record, and MinHash
+    sketches of kept records for near dedup), so a large source can be filtered while it is read.
+    """
+
+    def __init__(self, dedup: str, threshold: float, quality: tuple[str, ...], name: str):
+        unknown = [q for q in quality if q not in QUALITY]
+        if unknown:
+            raise UserError(f"data.quality: unknown filter {', '.join(map(repr, unknown))}; "
+                            f"known filters: {', '.join(QUALITY)}")
+        if dedup not in ("none", "exact", "near"):
+            raise UserError(f"data.dedup: {dedup!r} is not one of none, exact, near")
+        self.dedup, self.threshold, self.name = dedup, threshold, name
+        self.quality = [QUALITY[q] for q in dict.fromkeys(quality)]
+        # reason -> records removed for it (zeros shown: the filter ran), and the first few `where`s
+        reasons = [r for r, _ in self.quality] + ["exact_duplicate"] * (dedup != "none") + ["near_duplicate"] * (dedup == "near")
+        self.removed: dict[str, int] = dict.fromkeys(reasons, 0)
+        self.examples: dict[str, list[str]] = {r: [] for r in reasons}
+        if dedup != "none":
+            self._seen: set[bytes] = set()
+        if dedup == "near":
+            self._lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
+            self._sketches: dict[int, MinHash] = {}
+
+    def reason(self, record: Record) -> str | None:
+        """Why `record` goes (counted), or None when it stays (and is remembered for dedup)."""
+        why = self._check(record)
+        if why is not None:
+            self.removed[why] += 1
+            if len(self.examples[why]) < 3:
+                self.examples[why].append(record.where)
+        return why
+
+    def _check(self, record: Record) -> str | None:
+        for reason, bad in self.quality:
+            if bad(record):
+                return reason
+        if self.dedup == "none":
+            return None
+        key = normalise(record)
+        digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
+        if digest in self._seen:
+            return "exact_duplicate"
+        if self.dedup == "near":
+            mh = MinHash(num_perm=NUM_PERM, hashfunc=zlib.crc32)
+            mh.update_batch(shingles(key))
+            if any(self._sketches[j].jaccard(mh) >= self.threshold for j in self._lsh.query(mh)):
+                return "near_duplicate"
+            i = len(self._sketches)
+            self._lsh.insert(i, mh)
+            self._sketches[i] = mh
+        self._seen.add(digest)
+        return None
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.removed)
+
+    def log(self) -> None:
+        """One line per reason, naming the first few records so a user can look at what went."""
+        for reason, n in self.removed.items():
+            if not n:
+                continue
+            what = REASONS[reason] + (f" (Jaccard >= {self.threshold})" if reason == "near_duplicate" else "")
+            more = f", ... ({n - 3} more)" if n > 3 else ""
+            log.info("%s: removed %d record%s %s: %s%s", self.name, n, "" if n == 1 else "s", what,
+                     ", ".join(self.examples[reason]), more)
+
+
 def apply_filters(records: list[Record], dedup: str, threshold: float, quality: tuple[str, ...],
                   name: str) -> tuple[list[Record], dict[str, int]]:
     """Drop low-quality and duplicate records.
@@ -113,71 +183,7 @@ def apply_filters(records: list[Record], dedup: str, threshold: float, quality: 
         The kept records in their original order, and the number removed for each reason that
         was checked (zeros included, so a report can show that a filter ran).
     """
-    unknown = [q for q in quality if q not in QUALITY]
-    if unknown:
-        raise UserError(f"data.quality: unknown filter {', '.join(map(repr, unknown))}; "
-                        f"known filters: {', '.join(QUALITY)}")
-    if dedup not in ("none", "exact", "near"):
-        raise UserError(f"data.dedup: {dedup!r} is not one of none, exact, near")
-    removed: dict[str, list[str]] = {}  # reason -> `where` of each record removed for it, in order
-    kept = list(records)
-    for q in dict.fromkeys(quality):
-        reason, bad = QUALITY[q]
-        kept = _split(kept, [bad(r) for r in kept], removed.setdefault(reason, []))
-    if dedup != "none":
-        keys = [normalise(r) for r in kept]
-        dup = list(_exact_duplicates(keys))
-        kept, keys = _split(kept, dup, removed.setdefault("exact_duplicate", [])), _keep(keys, dup)
-    if dedup == "near":
-        dup = list(_near_duplicates(keys, threshold))
-        kept = _split(kept, dup, removed.setdefault("near_duplicate", []))
-    _log(name, removed, threshold)
-    return kept, {reason: len(where) for reason, where in removed.items()}
-
-
-def _log(name: str, removed: dict[str, list[str]], threshold: float) -> None:
-    """One line per reason, naming the first few records so a user can look at what went."""
-    for reason, where in removed.items():
-        if not where:
-            continue
-        what = REASONS[reason] + (f" (Jaccard >= {threshold})" if reason == "near_duplicate" else "")
-        more = f", ... ({len(where) - 3} more)" if len(where) > 3 else ""
-        log.info("%s: removed %d record%s %s: %s%s", name, len(where), "" if len(where) == 1 else "s", what,
-                 ", ".join(where[:3]), more)
-
-
-def _split(records: list[Record], drop: list[bool], removed: list[str]) -> list[Record]:
-    removed.extend(r.where for r, d in zip(records, drop, strict=True) if d)
-    return _keep(records, drop)
-
-
-def _keep(items: list, drop: list[bool]) -> list:
-    return [x for x, d in zip(items, drop, strict=True) if not d]
-
-
-def _exact_duplicates(keys: list[str]) -> Iterator[bool]:
-    seen: set[bytes] = set()
-    for key in keys:
-        digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
-        yield digest in seen
-        seen.add(digest)
-
-
-def _near_duplicates(keys: list[str], threshold: float) -> Iterator[bool]:
-    """Flags each text whose MinHash is within `threshold` of an earlier kept one.
-
-    LSH only proposes candidates; each is confirmed by the MinHash Jaccard estimate, so a false
-    LSH collision never removes a record. Shingles are hashed with CRC-32 (fast, and unlike
-    Python's `hash` the same in every process, so every host drops the same records). Only kept
-    texts are indexed: each cluster keeps its first member, and in a chain A~B~C, C is kept when
-    it is not itself close to A.
-    """
-    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
-    kept: dict[int, MinHash] = {}
-    sketches = MinHash.generator((shingles(k) for k in keys), num_perm=NUM_PERM, hashfunc=zlib.crc32)
-    for i, mh in enumerate(sketches):
-        dup = any(kept[j].jaccard(mh) >= threshold for j in lsh.query(mh))
-        if not dup:
-            lsh.insert(i, mh)
-            kept[i] = mh
-        yield dup
+    f = RecordFilter(dedup, threshold, quality, name)
+    kept = [r for r in records if f.reason(r) is None]
+    f.log()
+    return kept, f.counts()

@@ -43,9 +43,8 @@ def inspect(cfg, n: int, style: str) -> str:
     from sftjax.data import pipeline
     from sftjax.weights import load_tokenizer
 
-    collected = pipeline.collect(cfg)
     tok = load_tokenizer(cfg.model.path)
-    data = pipeline.prepare(collected, cfg, tok)
+    data = pipeline.load(cfg, tok)
     lines = []
     for name, store in zip(data.names, data.train, strict=True):
         lines.append(summary(store, name))

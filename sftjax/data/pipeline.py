@@ -1,16 +1,19 @@
 """From data.* config to what training consumes: sources -> filters -> split -> tokens -> loader.
 
-`prepare` reads every source of the mixture (data.train alone is a mixture of one), applies
-the quality and dedup filters before the train/eval split (so a duplicate cannot leak across
-it), tokenises with the loss mask, and reports what each stage removed. `Examples` holds the
-held-out set at one fixed shape for evaluation; training batches come from `loader.py`.
+`load` streams every source of the mixture (data.train alone is a mixture of one) record by
+record through the quality and dedup filters, then the train/eval split (after dedup, so a
+duplicate cannot leak across it), then the chat template and loss mask, and reports what each
+stage removed. Only token ids and masks are kept, so a large file never sits in memory as text.
+`Examples` holds the held-out set at one fixed shape for evaluation; training batches come from
+`loader.py`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import random
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import grain
 import numpy as np
@@ -18,7 +21,7 @@ import numpy as np
 from sftjax.data import filters, templates
 from sftjax.data.recipes import load_recipe
 from sftjax.data.records import Record, read_records
-from sftjax.data.tokens import TokenStore, encode_records
+from sftjax.data.tokens import StoreBuilder, TokenStore, encode_records
 from sftjax.errors import UserError
 
 log = logging.getLogger("sftjax")
@@ -105,57 +108,18 @@ def sources(cfg) -> list[tuple[str, float]]:
     return [(d.train, 1.0)]
 
 
-def read(src: str, dcfg) -> tuple[list[Record], list[Record]]:
+def read(src: str, dcfg) -> tuple[Iterable[Record], list[Record] | None]:
     """(records, held-out records) of one source; only recipes bring their own held-out split."""
     if src.startswith("recipe:"):
         return load_recipe(src.removeprefix("recipe:"))
-    return list(read_records(src, dcfg.format, tuple(dcfg.labels), dcfg.instruction)), []
+    return read_records(src, dcfg.format, tuple(dcfg.labels), dcfg.instruction), None
 
 
-def split(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """A seeded random `fraction` held out (at least one record), the rest kept in order."""
-    if fraction <= 0 or len(records) < 2:
-        return records, []
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, int(len(records) * fraction))
-    return [records[i] for i in sorted(order[n_eval:])], [records[i] for i in order[:n_eval]]
-
-
-@dataclass
-class Collected:
-    """Records of every source after filtering and the train/eval split (no tokenizer needed)."""
-
-    names: list[str]
-    weights: list[float]
-    train: list[list[Record]]  # one list per source
-    eval: list[Record]
-    eval_source: list[int]
-    report: dict = field(default_factory=dict)
-
-
-def collect(cfg) -> Collected:
-    """Read, filter and split every source; bad data fails here, before the model is loaded."""
-    d = cfg.data
-    out = Collected([], [], [], [], [])
-    for s, (src, weight) in enumerate(sources(cfg)):
-        recs, held = read(src, d)
-        kept, removed = filters.apply_filters(recs, d.dedup, d.near_dup_threshold, tuple(d.quality), src)
-        if not kept:
-            raise UserError(f"{src}: no records left after filtering ({removed}); relax data.quality / data.dedup")
-        if not held and not d.eval:
-            kept, held = split(kept, d.eval_fraction, d.seed)
-        out.names.append(src)
-        out.weights.append(weight)
-        out.train.append(kept)
-        out.eval += held
-        out.eval_source += [s] * len(held)
-        out.report[src] = {"records": len(recs), "removed_by_filters": removed, "held_out": len(held)}
-    if d.eval:
-        out.eval = list(read_records(d.eval, d.format, tuple(d.labels), d.instruction))
-        out.eval_source = [0] * len(out.eval)
-    out.eval, out.eval_source = out.eval[: d.max_eval_examples], out.eval_source[: d.max_eval_examples]
-    return out
+def held_out(where: str, fraction: float, seed: int) -> bool:
+    """Whether a record is in the held-out `fraction`: a hash of (seed, where it came from), so
+    the split is decided record by record while streaming and is the same on every run."""
+    h = hashlib.blake2b(f"{seed}:{where}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64 < fraction
 
 
 @dataclass
@@ -168,21 +132,54 @@ class Prepared:
     report: dict
 
 
-def prepare(collected: Collected, cfg, tokenizer) -> Prepared:
-    """Tokenise with the loss mask (chat template per data.chat_template); report per source."""
+def load(cfg, tokenizer) -> Prepared:
+    """Every stage of the data path up to the loader, with a per-source report of what it removed.
+
+    Held-out records: a recipe's own split, else data.eval, else a data.eval_fraction of each
+    source; at most data.max_eval_examples of each source are kept for evaluation.
+    """
     d = cfg.data
     templates.resolve(tokenizer, d.chat_template, model=cfg.model.path)
-    stores, report = [], {k: dict(v) for k, v in collected.report.items()}
-    for name, recs in zip(collected.names, collected.train, strict=True):
-        store, dropped = encode_records(recs, tokenizer, d, name)
+    names, weights, stores, eval_recs, eval_src, report = [], [], [], [], [], {}
+    for s, (src, weight) in enumerate(sources(cfg)):
+        recs, held = read(src, d)
+        filt = filters.RecordFilter(d.dedup, d.near_dup_threshold, tuple(d.quality), src)
+        builder = StoreBuilder(tokenizer, d, src)
+        mine, n_read, n_held = [], 0, 0
+        for rec in recs:
+            n_read += 1
+            if filt.reason(rec) is not None:
+                continue
+            if held is None and not d.eval and held_out(rec.where, d.eval_fraction, d.seed):
+                n_held += 1
+                if len(mine) < d.max_eval_examples:
+                    mine.append(rec)
+                continue
+            builder.add(rec)
+        filt.log()
+        if n_read == sum(filt.counts().values()):
+            raise UserError(f"{src}: no records left after filtering ({filt.counts()}); relax data.quality / data.dedup")
+        if held:
+            mine, n_held = held[: d.max_eval_examples], len(held)
+        store, dropped = builder.finish()
+        names.append(src)
+        weights.append(weight)
         stores.append(store)
-        report[name].update(removed_by_length=dropped, examples=len(store), tokens=int(len(store.ids)),
-                            trained_token_fraction=round(store.target_fraction(), 4))
+        eval_recs += mine
+        eval_src += [s] * len(mine)
+        report[src] = {"records": n_read, "removed_by_filters": filt.counts(), "held_out": n_held,
+                       "removed_by_length": dropped, "examples": len(store), "tokens": int(len(store.ids)),
+                       "trained_token_fraction": round(store.target_fraction(), 4)}
+    if d.eval:
+        eval_recs = list(read_records(d.eval, d.format, tuple(d.labels), d.instruction))[: d.max_eval_examples]
+        eval_src = [0] * len(eval_recs)
     eval_ex = None
-    if collected.eval:
-        store, _ = encode_records(collected.eval, tokenizer, d, "eval data")
+    if eval_recs:
+        store, _ = encode_records(eval_recs, tokenizer, d, "eval data")
         kept = set(store.wheres)
-        src = np.asarray([s for r, s in zip(collected.eval, collected.eval_source, strict=True) if r.where in kept],
-                         np.int32)
-        eval_ex = padded(store, d.max_length + 1, tokenizer.pad_token_id, src)
-    return Prepared(collected.names, collected.weights, stores, eval_ex, collected.eval, report)
+        src_of = np.asarray([s for r, s in zip(eval_recs, eval_src, strict=True) if r.where in kept], np.int32)
+        eval_ex = padded(store, d.max_length + 1, tokenizer.pad_token_id, src_of)
+    elif d.eval_fraction > 0:
+        log.warning("no held-out records (data.eval_fraction=%s of a small source); evaluation is skipped",
+                    d.eval_fraction)
+    return Prepared(names, weights, stores, eval_ex, eval_recs, report)

@@ -53,54 +53,76 @@ def truncate(ids: np.ndarray, mask: np.ndarray, limit: int, how: str):
     return ids[:limit], mask[:limit]
 
 
-def encode_records(records: list[Record], tokenizer, dcfg, name: str) -> tuple[TokenStore, dict[str, int]]:
-    """Encode, truncate to data.max_length (+1 for the shifted targets) and filter by length.
+class StoreBuilder:
+    """Encodes records one at a time into a TokenStore (so a source is tokenised as it is read).
 
-    Returns the store and the number of examples removed per reason. An example whose targets
-    were all cut away is dropped and counted, or raises with data.on_no_targets="raise".
-    A chat dataset whose loss mask covers every token raises: it means the template split failed.
+    Each record is truncated to data.max_length (+1 for the shifted targets) and filtered by
+    length; `finish` returns the store and the number of examples removed per reason. An example
+    whose targets were all cut away is dropped and counted, or raises with
+    data.on_no_targets="raise". A chat dataset whose loss mask covers every token raises: it
+    means the template split failed.
     """
-    limit = dcfg.max_length + 1
-    ids_parts, tgt_parts, wheres, lengths = [], [], [], [0]
-    removed = {"too_long": 0, "too_short": 0, "no_targets": 0}
-    chat = 0
-    for rec in records:
-        x, m = encode(tokenizer, rec, dcfg.loss_on)
-        chat += rec.text is None
-        cut = truncate(x, m, limit, dcfg.truncation)
+
+    def __init__(self, tokenizer, dcfg, name: str):
+        self.tokenizer, self.d, self.name = tokenizer, dcfg, name
+        self.ids: list[np.ndarray] = []
+        self.targets: list[np.ndarray] = []
+        self.wheres: list[str] = []
+        self.lengths = [0]
+        self.removed = {"too_long": 0, "too_short": 0, "no_targets": 0}
+        self.seen = self.chat = 0
+
+    def add(self, rec: Record) -> bool:
+        """Encode `rec`; True if it became an example, False if it was removed (and counted)."""
+        d = self.d
+        x, m = encode(self.tokenizer, rec, d.loss_on)
+        self.seen += 1
+        self.chat += rec.text is None
+        cut = truncate(x, m, d.max_length + 1, d.truncation)
         if cut is None:
-            removed["too_long"] += 1
-            continue
+            self.removed["too_long"] += 1
+            return False
         x, m = cut
-        if len(x) < max(dcfg.min_tokens, 2):
-            removed["too_short"] += 1
-            continue
+        if len(x) < max(d.min_tokens, 2):
+            self.removed["too_short"] += 1
+            return False
         if not m[1:].any():  # the first token is never a target: nothing precedes it
-            if dcfg.on_no_targets == "raise":
+            if d.on_no_targets == "raise":
                 raise UserError(f"{rec.where}: no target token left after truncation to data.max_length="
-                                f"{dcfg.max_length} ({len(x)} tokens); raise data.max_length or set "
+                                f"{d.max_length} ({len(x)} tokens); raise data.max_length or set "
                                 "data.on_no_targets=drop")
-            removed["no_targets"] += 1
-            continue
-        ids_parts.append(x)
-        tgt_parts.append(m)
-        wheres.append(rec.where)
-        lengths.append(len(x))
-    for reason, n in removed.items():
-        if n:
-            log.warning("%s: removed %d of %d examples: %s (data.max_length=%d, data.truncation=%s, "
-                        "data.min_tokens=%d)", name, n, len(records), reason.replace("_", " "), dcfg.max_length,
-                        dcfg.truncation, dcfg.min_tokens)
-    if not ids_parts:
-        raise UserError(f"{name}: no usable examples left of {len(records)} after truncation and length filters "
-                        f"({', '.join(f'{k}={v}' for k, v in removed.items() if v)}); check data.max_length, "
-                        "data.min_tokens and data.truncation")
-    store = TokenStore(np.concatenate(ids_parts).astype(np.int32), np.concatenate(tgt_parts),
-                       np.cumsum(lengths, dtype=np.int64), wheres)
-    frac = store.target_fraction()
-    if chat and dcfg.loss_on != "all" and store.targets.all():
-        raise UserError(f"{name}: the loss mask covers every token of every chat example, so the chat template "
-                        "was not split into turns; check data.chat_template (or set data.loss_on=all on purpose)")
-    log.info("%s: %d examples, %d tokens, %.1f%% of tokens trained (data.loss_on=%s)", name, len(store),
-             len(store.ids), 100 * frac, dcfg.loss_on)
-    return store, removed
+            self.removed["no_targets"] += 1
+            return False
+        self.ids.append(x)
+        self.targets.append(m)
+        self.wheres.append(rec.where)
+        self.lengths.append(len(x))
+        return True
+
+    def finish(self) -> tuple[TokenStore, dict[str, int]]:
+        d, name = self.d, self.name
+        for reason, n in self.removed.items():
+            if n:
+                log.warning("%s: removed %d of %d examples: %s (data.max_length=%d, data.truncation=%s, "
+                            "data.min_tokens=%d)", name, n, self.seen, reason.replace("_", " "), d.max_length,
+                            d.truncation, d.min_tokens)
+        if not self.ids:
+            raise UserError(f"{name}: no usable examples left of {self.seen} after truncation and length filters "
+                            f"({', '.join(f'{k}={v}' for k, v in self.removed.items() if v) or 'no records'}); "
+                            "check data.max_length, data.min_tokens and data.truncation")
+        store = TokenStore(np.concatenate(self.ids).astype(np.int32), np.concatenate(self.targets),
+                           np.cumsum(self.lengths, dtype=np.int64), self.wheres)
+        if self.chat and d.loss_on != "all" and store.targets.all():
+            raise UserError(f"{name}: the loss mask covers every token of every chat example, so the chat template "
+                            "was not split into turns; check data.chat_template (or set data.loss_on=all on purpose)")
+        log.info("%s: %d examples, %d tokens, %.1f%% of tokens trained (data.loss_on=%s)", name, len(store),
+                 len(store.ids), 100 * store.target_fraction(), d.loss_on)
+        return store, dict(self.removed)
+
+
+def encode_records(records, tokenizer, dcfg, name: str) -> tuple[TokenStore, dict[str, int]]:
+    """All of `records` through a StoreBuilder."""
+    builder = StoreBuilder(tokenizer, dcfg, name)
+    for rec in records:
+        builder.add(rec)
+    return builder.finish()
