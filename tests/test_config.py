@@ -64,3 +64,12 @@ def test_cli_bad_data_line_is_clean_error(tmp_path, tiny_model_dir):
 def test_bad_values_fail_at_load(override, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(QUICK, [override])
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py")))
+def test_every_shipped_config_loads_and_documents_its_run_command(name):
+    path = os.path.join(ROOT, "configs", name)
+    cfg = load_config(path)
+    assert cfg.data.train or cfg.data.mixture
+    with open(path) as f:
+        assert "sftjax train --config=configs/" + name in f.read()
