@@ -25,6 +25,9 @@ def base_config() -> ConfigDict:
         path="smollm2-135m-instruct",  # HF folder, .gguf file, or the embedded default's name
         dtype="float32",  # compute dtype: float32 or bfloat16 (master weights stay float32)
         remat=False,  # rematerialise each layer in the backward pass (less memory, ~30% more compute)
+        # True: layers stacked under one `layers` subtree and run with nn.scan (fast compile).
+        # False: unrolled into layers_0..layers_{L-1} (needed by train.freeze=last_layers; same math).
+        scan_layers=True,
     )
     c.data = dict(
         train="",  # data source (see below), or recipe:NAME (see sftjax/data/recipes.py)
@@ -55,12 +58,27 @@ def base_config() -> ConfigDict:
         max_eval_examples=256,
         seed=0,
     )
-    c.lora = dict(enabled=True, rank=8, alpha=16.0, dropout=0.0, targets=("qv",), rslora=False)
+    c.lora = dict(
+        enabled=True,
+        rank=8,
+        alpha=16.0,  # scale = alpha / rank (alpha / sqrt(rank) with rslora), rank per module
+        dropout=0.0,
+        targets=("qv",),  # presets qv | attention | all_linear, or regexes over module paths
+        rslora=False,
+        # ((module regex, rank), ...): first match sets that module's rank, e.g. (("mlp/", 16),)
+        rank_overrides=(),
+        dora=False,  # DoRA: also learn a magnitude per output column (weight-decomposed LoRA)
+    )
     c.train = dict(
         steps=100,
         batch_size=8,  # global batch (examples per optimizer step, across devices and micro-batches)
         grad_accum=1,  # micro-batches per step; the loss is normalised over the whole global batch
-        trainable=(),  # without LoRA: regexes of trainable params; empty means all (full fine-tuning)
+        # Without LoRA, which parameters train: full (all) | last_layers (the last train.last_layers
+        # layers + final norm + head; needs model.scan_layers=False) | head (final norm + head) |
+        # regex (train.trainable). The trainable count and % are logged at start.
+        freeze="full",
+        last_layers=2,
+        trainable=(),  # with train.freeze=regex: regexes (re.search) over parameter paths
         seed=0,
         eval_every=0,  # 0: evaluate only before and after training
         log_every=1,
@@ -108,11 +126,13 @@ CHOICES = {
     ("data", "truncation"): ("right", "left", "drop"),
     ("data", "on_no_targets"): ("drop", "raise"),
     ("data", "dedup"): ("none", "exact", "near"),
-    ("optim", "name"): ("adamw",),
+    ("optim", "name"): ("adamw", "adafactor", "lion"),
+    ("train", "freeze"): ("full", "last_layers", "head", "regex"),
     ("optim", "schedule"): ("cosine", "linear", "constant"),
 }
 POSITIVE = [("train", "steps"), ("train", "batch_size"), ("train", "grad_accum"), ("data", "max_length"),
-            ("lora", "rank"), ("optim", "lr"), ("checkpoint", "every"), ("checkpoint", "max_to_keep")]
+            ("lora", "rank"), ("optim", "lr"),
+            ("train", "last_layers"), ("checkpoint", "every"), ("checkpoint", "max_to_keep")]
 
 
 def validate(cfg: ConfigDict) -> None:
@@ -126,6 +146,11 @@ def validate(cfg: ConfigDict) -> None:
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise UserError(f"train.batch_size: {cfg.train.batch_size} is not divisible by "
                         f"train.grad_accum={cfg.train.grad_accum}")
+    for item in cfg.lora.rank_overrides:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], int) and item[1] > 0):
+            raise UserError(f"lora.rank_overrides: each entry must be a (module regex, positive rank) pair, "
+                            f"got {item!r}")
     if not 0 <= cfg.lora.dropout < 1:
         raise UserError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
 

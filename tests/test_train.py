@@ -108,6 +108,7 @@ def test_lora_frozen_untouched_and_opt_state_only_for_trainable(tiny_config):
 def test_partial_freezing_by_regex(tiny_config):
     cfg = tiny_config
     cfg.lora.enabled = False
+    cfg.train.freeze = "regex"
     cfg.train.trainable = (r"mlp/", r"^norm/")
     setup = build(cfg)
     assert sorted(flatten(setup.trainable)) == ["layers/mlp/down_proj/kernel", "layers/mlp/gate_proj/kernel",

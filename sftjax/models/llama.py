@@ -54,11 +54,19 @@ class LlamaConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
-    """How the model computes, as opposed to what it is: dtype, remat, LoRA scale and dropout."""
+    """How the model computes, as opposed to what it is: dtype, remat, layer stacking, LoRA.
+
+    `scan_layers=False` unrolls the decoder into `layers_0 .. layers_{L-1}` subtrees (same math,
+    longer compile): then per-layer rules such as "train only the last N layers" are plain path
+    regexes. The LoRA scale is alpha / r (or alpha / sqrt(r) with rsLoRA) with r read off each
+    adapter's shape, so per-target ranks need no extra plumbing.
+    """
 
     dtype: str = "float32"
     remat: bool = False
-    lora_scale: float = 1.0
+    scan_layers: bool = True
+    lora_alpha: float = 1.0
+    lora_rslora: bool = False
     lora_dropout: float = 0.0
 
 
@@ -69,7 +77,12 @@ def _dot(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
 
 
 class Linear(nn.Module):
-    """Dense layer with HF-transposed kernel [in, out] and an optional LoRA update from the tree."""
+    """Dense layer with HF-transposed kernel [in, out] and an optional LoRA / DoRA update from the tree.
+
+    DoRA (a `lora_magnitude` [out] leaf beside the adapters) rescales each output column of the
+    adapted weight W + s*A@B to the learned magnitude m; the column norm is a constant in the
+    backward pass, as in the DoRA paper (section 4.3) and PEFT.
+    """
 
     features: int
     axes: tuple[str, str]
@@ -83,16 +96,28 @@ class Linear(nn.Module):
         init = nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes)
         kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.float32)
         y = _dot(x, kernel, dtype)
-        if self.use_bias:
-            binit = nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:])
-            y = y + self.param("bias", binit, (self.features,), jnp.float32).astype(dtype)
         if self.has_variable("params", "lora_a"):
             h = x
             if self.rt.lora_dropout > 0 and not self.deterministic:
                 h = nn.Dropout(self.rt.lora_dropout)(h, deterministic=False)
             a = self.get_variable("params", "lora_a")
             b = self.get_variable("params", "lora_b")
-            y = y + _dot(_dot(h, a, dtype), b, dtype) * self.rt.lora_scale
+            rank = a.shape[-1]
+            s = self.rt.lora_alpha / (math.sqrt(rank) if self.rt.lora_rslora else rank)
+            delta = _dot(_dot(h, a, dtype), b, dtype) * s
+            if self.has_variable("params", "lora_magnitude"):
+                m = self.get_variable("params", "lora_magnitude")
+                w = kernel.astype(jnp.float32) + s * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+                norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(w * w, axis=0)))
+                ratio = (m / norm).astype(dtype)
+                # PEFT's form (bias left out of the rescaling); with dropout the base term sees it too.
+                base = y if h is x else _dot(h, kernel, dtype)
+                y = y + (ratio - 1) * base + ratio * delta
+            else:
+                y = y + delta
+        if self.use_bias:
+            binit = nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:])
+            y = y + self.param("bias", binit, (self.features,), jnp.float32).astype(dtype)
         return y
 
 
@@ -258,15 +283,25 @@ class Llama(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=einit, name="embed_tokens")
         x = embed(input_ids).astype(rt.dtype)
         block = nn.remat(Block, static_argnums=()) if rt.remat else Block
-        stack = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
-            length=cfg.num_hidden_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        x, cache = stack(cfg, rt, deterministic, name="layers")(x, positions, mask, cache, cache_index)
+        if rt.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=cfg.num_hidden_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, cache = stack(cfg, rt, deterministic, name="layers")(x, positions, mask, cache, cache_index)
+        else:
+            caches = []
+            for i in range(cfg.num_hidden_layers):
+                layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
+                x, layer_cache = block(cfg, rt, deterministic, name=f"layers_{i}")(x, positions, mask, layer_cache,
+                                                                                   cache_index)
+                caches.append(layer_cache)
+            if cache is not None:  # the cache stays stacked over layers, as `init_cache` makes it
+                cache = jax.tree.map(lambda *cs: jnp.stack(cs), *caches)
         if head_positions is not None:
             x = jnp.take_along_axis(x, head_positions[..., None], axis=1)
         x = RMSNorm(cfg.rms_norm_eps, rt, name="norm")(x)
