@@ -87,7 +87,14 @@ def base_config() -> ConfigDict:
         sample_max_new_tokens=24,
     )
     c.optim = dict(
-        name="adamw", lr=2e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=1.0,
+        # adamw | adafactor (factored second moments, little state) | lion (one moment; use a 3-10x lower lr)
+        name="adamw",
+        lr=2e-4,  # peak; typical: 1e-4..3e-4 with LoRA, 1e-5..5e-5 for full fine-tuning
+        b1=0.9, b2=0.999, eps=1e-8,  # betas (adamw, lion) and eps (adamw)
+        weight_decay=0.01,  # decoupled, times the lr, off the optim.no_decay paths, for every optimizer
+        clip_norm=1.0,
+        # Linear warmup (warmup_steps, or warmup_ratio of train.steps when warmup_steps < 0), then
+        # cosine | linear (down to lr * min_lr_ratio) | constant.
         schedule="cosine", warmup_steps=-1, warmup_ratio=0.1, min_lr_ratio=0.1,
         no_decay=(r"scale$", r"bias$", r"embedding$"),
     )
