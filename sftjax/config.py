@@ -68,6 +68,7 @@ def base_config() -> ConfigDict:
         # ((module regex, rank), ...): first match sets that module's rank, e.g. (("mlp/", 16),)
         rank_overrides=(),
         dora=False,  # DoRA: also learn a magnitude per output column (weight-decomposed LoRA)
+        init_from="",  # a PEFT adapter folder to start from (e.g. `sftjax export --format=peft` output)
     )
     c.train = dict(
         steps=100,

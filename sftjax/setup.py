@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from sftjax import freeze, lora, sharding
+from sftjax import freeze, lora, peft_export, sharding
 from sftjax import params as P
 from sftjax.errors import UserError
 from sftjax.models.llama import Llama, LlamaConfig, Runtime
@@ -54,6 +54,8 @@ def build(cfg) -> Setup:
     if use_lora:
         trainable = lora.init_adapters(base, list(cfg.lora.targets), cfg.lora.rank, cfg.train.seed,
                                        rank_overrides=tuple(cfg.lora.rank_overrides), dora=cfg.lora.dora)
+        if cfg.lora.init_from:
+            trainable = peft_export.read_adapter(cfg.lora.init_from, cfg.lora, trainable, mcfg.num_hidden_layers)
         frozen = base
         flat_axes = P.flatten(axes)
         for path in P.flatten(trainable):
