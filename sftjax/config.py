@@ -28,6 +28,9 @@ def base_config() -> ConfigDict:
         # True: layers stacked under one `layers` subtree and run with nn.scan (fast compile).
         # False: unrolled into layers_0..layers_{L-1} (needed by train.freeze=last_layers; same math).
         scan_layers=True,
+        # QLoRA: store the frozen decoder-layer kernels blockwise-quantised (64 values per absmax
+        # scale) and dequantise them inside each matmul: none | nf4 (4-bit NormalFloat) | int8.
+        quantize="none",
     )
     c.data = dict(
         train="",  # data source (see below), or recipe:NAME (see sftjax/data/recipes.py)
@@ -128,6 +131,7 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
 
 CHOICES = {
     ("model", "dtype"): ("float32", "bfloat16"),
+    ("model", "quantize"): ("none", "nf4", "int8"),
     ("data", "format"): ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "classification",
                          "tokens"),
     ("data", "loss_on"): ("assistant", "last_assistant", "all"),

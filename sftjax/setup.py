@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from sftjax import freeze, lora, peft_export, sharding
+from sftjax import freeze, lora, peft_export, quant, sharding
 from sftjax import params as P
 from sftjax.errors import UserError
 from sftjax.models.llama import Llama, LlamaConfig, Runtime
@@ -37,7 +37,8 @@ class Setup:
     def merged_params(self, trainable=None) -> dict:
         """Plain base-shaped params, layers stacked, LoRA folded in (for export and plain inference)."""
         rt = self.model.rt
-        return freeze.stack(lora.merge(self.full_params(trainable), rt.lora_alpha, rt.lora_rslora))
+        full = quant.dequantize_tree(self.full_params(trainable))
+        return freeze.stack(lora.merge(full, rt.lora_alpha, rt.lora_rslora))
 
 
 def build(cfg) -> Setup:
@@ -52,11 +53,14 @@ def build(cfg) -> Setup:
     mesh = sharding.make_mesh(cfg.mesh)
     axes = sharding.logical_axes(model, np.zeros((1, 8), np.int32))
     if use_lora:
-        trainable = lora.init_adapters(base, list(cfg.lora.targets), cfg.lora.rank, cfg.train.seed,
+        frozen = base
+        if cfg.model.quantize != "none":  # DoRA's magnitudes start from the kernels the model will see
+            frozen = quant.quantize_tree(base, cfg.model.quantize)
+        seen = base if frozen is base else quant.dequantize_tree(frozen)
+        trainable = lora.init_adapters(seen, list(cfg.lora.targets), cfg.lora.rank, cfg.train.seed,
                                        rank_overrides=tuple(cfg.lora.rank_overrides), dora=cfg.lora.dora)
         if cfg.lora.init_from:
             trainable = peft_export.read_adapter(cfg.lora.init_from, cfg.lora, trainable, mcfg.num_hidden_layers)
-        frozen = base
         flat_axes = P.flatten(axes)
         for path in P.flatten(trainable):
             mod, leaf = path.rsplit("/", 1)
@@ -69,8 +73,19 @@ def build(cfg) -> Setup:
                                          rt.scan_layers)
         chosen = P.matching(P.flatten(base), pats, "train.trainable" if cfg.train.freeze == "regex" else "train.freeze")
         trainable, frozen = P.split(base, chosen)
+        if cfg.model.quantize != "none":
+            frozen = quant.quantize_tree(frozen, cfg.model.quantize)
     n_train, n_all = P.count(trainable), P.count(base)
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)
+    if cfg.model.quantize != "none":
+        flat_axes = P.flatten(axes)
+        for path in P.flatten(frozen):
+            mod, leaf = path.rsplit("/", 1)
+            if leaf.startswith("kernel_"):
+                qa = quant.quantized_axes(flat_axes[f"{mod}/kernel"])
+                flat_axes[path] = qa["kernel_absmax"] if leaf == "kernel_absmax" else qa["codes"]
+        axes = P.unflatten(flat_axes)
+        log.info("frozen base quantised to %s: %s bytes", cfg.model.quantize, f"{quant.nbytes(frozen):,}")
     trainable = sharding.place(trainable, sharding.param_shardings(trainable, axes, mesh))
     frozen = sharding.place(frozen, sharding.param_shardings(frozen, axes, mesh))
     return Setup(mcfg, model, tok, mesh, trainable, frozen)

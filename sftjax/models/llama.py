@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sftjax import quant
 from sftjax.errors import UserError
 
 _NEG_INF = -1e30
@@ -81,7 +82,8 @@ class Linear(nn.Module):
 
     DoRA (a `lora_magnitude` [out] leaf beside the adapters) rescales each output column of the
     adapted weight W + s*A@B to the learned magnitude m; the column norm is a constant in the
-    backward pass, as in the DoRA paper (section 4.3) and PEFT.
+    backward pass, as in the DoRA paper (section 4.3) and PEFT. With `kernel_nf4` / `kernel_int8`
+    and `kernel_absmax` in place of `kernel` (see `sftjax.quant`) the kernel is dequantised here.
     """
 
     features: int
@@ -93,8 +95,14 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = jnp.dtype(self.rt.dtype)
-        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes)
-        kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.float32)
+        quantized = [k for k in quant.KINDS if self.has_variable("params", f"kernel_{k}")]
+        if quantized:  # QLoRA: a frozen blockwise-quantised kernel, dequantised right here
+            kind = quantized[0]
+            kernel = quant.dequantize(self.get_variable("params", f"kernel_{kind}"),
+                                      self.get_variable("params", "kernel_absmax"), kind)
+        else:
+            init = nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes)
+            kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.float32)
         y = _dot(x, kernel, dtype)
         if self.has_variable("params", "lora_a"):
             h = x
