@@ -73,6 +73,10 @@ def base_config() -> ConfigDict:
         dora=False,  # DoRA: also learn a magnitude per output column (weight-decomposed LoRA)
         init_from="",  # a PEFT adapter folder to start from (e.g. `sftjax export --format=peft` output)
     )
+    # Prompt tuning (prompt: `length` learned virtual tokens in front of every sequence) or prefix
+    # tuning (prefix: `length` learned keys/values in every layer, P-tuning v2). Only these train;
+    # needs lora.enabled=False. Generation supports prefix, not prompt, tuning.
+    c.prompt_tuning = dict(method="none", length=16)
     c.train = dict(
         steps=100,
         batch_size=8,  # global batch (examples per optimizer step, across devices and micro-batches)
@@ -140,11 +144,12 @@ CHOICES = {
     ("data", "dedup"): ("none", "exact", "near"),
     ("optim", "name"): ("adamw", "adafactor", "lion"),
     ("train", "freeze"): ("full", "last_layers", "head", "regex"),
+    ("prompt_tuning", "method"): ("none", "prompt", "prefix"),
     ("optim", "schedule"): ("cosine", "linear", "constant"),
 }
 POSITIVE = [("train", "steps"), ("train", "batch_size"), ("train", "grad_accum"), ("data", "max_length"),
             ("lora", "rank"), ("optim", "lr"),
-            ("train", "last_layers"), ("checkpoint", "every"), ("checkpoint", "max_to_keep")]
+            ("train", "last_layers"), ("prompt_tuning", "length"), ("checkpoint", "every"), ("checkpoint", "max_to_keep")]
 
 
 def validate(cfg: ConfigDict) -> None:

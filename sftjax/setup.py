@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from sftjax import freeze, lora, peft_export, quant, sharding
+from sftjax import freeze, lora, peft_export, prompt_tuning, quant, sharding
 from sftjax import params as P
 from sftjax.errors import UserError
 from sftjax.models.llama import Llama, LlamaConfig, Runtime
@@ -44,6 +44,9 @@ class Setup:
 def build(cfg) -> Setup:
     mcfg, base, tok = load_pretrained(cfg.model.path)
     use_lora = cfg.lora.enabled
+    if cfg.prompt_tuning.method != "none" and use_lora:
+        raise UserError(f"prompt_tuning.method={cfg.prompt_tuning.method}: trains only the prompt over a frozen "
+                        "base; set lora.enabled=False")
     rt = Runtime(dtype=cfg.model.dtype, remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
                  lora_alpha=cfg.lora.alpha, lora_rslora=cfg.lora.rslora,
                  lora_dropout=cfg.lora.dropout if use_lora else 0.0)
@@ -66,6 +69,11 @@ def build(cfg) -> Setup:
             mod, leaf = path.rsplit("/", 1)
             flat_axes[path] = lora.adapter_axes(flat_axes[f"{mod}/kernel"])[leaf]
         axes = P.unflatten(flat_axes)
+    elif cfg.prompt_tuning.method != "none":  # the whole base stays frozen
+        frozen = base if cfg.model.quantize == "none" else quant.quantize_tree(base, cfg.model.quantize)
+        trainable = prompt_tuning.init(cfg.prompt_tuning.method, base, mcfg, cfg.prompt_tuning.length,
+                                       cfg.train.seed, rt.scan_layers)
+        axes = P.merge(axes, prompt_tuning.axes(trainable))
     else:
         if cfg.train.freeze == "full" and cfg.train.trainable:
             raise UserError("train.trainable: regexes are used with train.freeze=regex (now 'full')")

@@ -201,6 +201,11 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)
             cache = {"k": k, "v": v}
+        if self.has_variable("params", "prefix_k"):  # prefix tuning: learned keys/values every query sees
+            pk, pv = self.get_variable("params", "prefix_k"), self.get_variable("params", "prefix_v")
+            k = jnp.concatenate([jnp.broadcast_to(pk, (b, *pk.shape)).astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([jnp.broadcast_to(pv, (b, *pv.shape)).astype(v.dtype), v], axis=1)
+            mask = jnp.concatenate([jnp.ones((*mask.shape[:2], pk.shape[0]), bool), mask], axis=-1)
         q = q.reshape(b, t, nkv, nh // nkv, hd)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(hd)
@@ -290,6 +295,19 @@ class Llama(nn.Module):
         einit = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=einit, name="embed_tokens")
         x = embed(input_ids).astype(rt.dtype)
+        n_prompt = 0
+        if self.has_variable("params", "prompt_embedding"):  # prompt tuning: learned virtual tokens in front
+            if cache is not None:
+                raise UserError("prompt_tuning.method=prompt: generation with a key/value cache is not supported")
+            prompt = self.get_variable("params", "prompt_embedding")
+            n_prompt = prompt.shape[0]
+            x = jnp.concatenate([jnp.broadcast_to(prompt, (b, *prompt.shape)).astype(rt.dtype), x], axis=1)
+            positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(n_prompt), (b, n_prompt)), positions + n_prompt], 1)
+            causal = jnp.broadcast_to(jnp.tril(jnp.ones((n_prompt, n_prompt), bool)), (b, n_prompt, n_prompt))
+            top = jnp.concatenate([causal, jnp.zeros((b, n_prompt, t), bool)], axis=2)
+            bottom = jnp.concatenate([jnp.ones((b, t, n_prompt), bool), mask], axis=2)
+            mask = jnp.concatenate([top, bottom], axis=1)
+            head_positions = None if head_positions is None else head_positions + n_prompt
         block = nn.remat(Block, static_argnums=()) if rt.remat else Block
         if rt.scan_layers:
             stack = nn.scan(
@@ -312,6 +330,8 @@ class Llama(nn.Module):
                 cache = jax.tree.map(lambda *cs: jnp.stack(cs), *caches)
         if head_positions is not None:
             x = jnp.take_along_axis(x, head_positions[..., None], axis=1)
+        elif n_prompt:
+            x = x[:, n_prompt:]  # logits for the real tokens only
         x = RMSNorm(cfg.rms_norm_eps, rt, name="norm")(x)
         if cfg.tie_word_embeddings:
             logits = _dot(x, embed.embedding.T, rt.dtype).astype(jnp.float32)
