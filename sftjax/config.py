@@ -93,6 +93,8 @@ def base_config() -> ConfigDict:
         sample_prompts=(),  # user prompts generated before and after training
         sample_eval=0,  # also generate for this many held-out conversations
         sample_max_new_tokens=24,
+        neftune_alpha=0.0,  # NEFTune: U(-1,1) * alpha / sqrt(L * d) noise on input embeddings, training only (0: off; 5 is usual)
+        fgm_epsilon=0.0,  # FGM: also train on embeddings perturbed by epsilon * g / ||g|| (0: off; ~1 is usual)
     )
     c.optim = dict(
         # adamw | adafactor (factored second moments, little state) | lion (one moment; use a 3-10x lower lr)
@@ -168,6 +170,9 @@ def validate(cfg: ConfigDict) -> None:
                 and isinstance(item[1], int) and item[1] > 0):
             raise UserError(f"lora.rank_overrides: each entry must be a (module regex, positive rank) pair, "
                             f"got {item!r}")
+    for key in ("neftune_alpha", "fgm_epsilon"):
+        if cfg.train[key] < 0:
+            raise UserError(f"train.{key}: must be >= 0 (0 turns it off), got {cfg.train[key]}")
     if not 0 <= cfg.lora.dropout < 1:
         raise UserError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
 

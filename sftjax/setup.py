@@ -49,7 +49,7 @@ def build(cfg) -> Setup:
                         "base; set lora.enabled=False")
     rt = Runtime(dtype=cfg.model.dtype, remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
                  lora_alpha=cfg.lora.alpha, lora_rslora=cfg.lora.rslora,
-                 lora_dropout=cfg.lora.dropout if use_lora else 0.0)
+                 lora_dropout=cfg.lora.dropout if use_lora else 0.0, neftune_alpha=cfg.train.neftune_alpha)
     model = Llama(mcfg, rt)
     if not rt.scan_layers:
         base = freeze.unstack(base, mcfg.num_hidden_layers)

@@ -133,8 +133,9 @@ def run(cfg, workdir: str) -> dict:
     if start:
         state = ckpt.restore(start, state)
         log.info("resumed from %s at step %d", ckpt.dir, start)
-    step_fn = make_train_step(setup.model, tx, sched, cfg.train.grad_accum, cfg.lora.enabled and cfg.lora.dropout > 0,
-                              cfg.train.seed, jax.tree.map(lambda x: x.sharding, state))
+    uses_rng = (cfg.lora.enabled and cfg.lora.dropout > 0) or cfg.train.neftune_alpha > 0
+    step_fn = make_train_step(setup.model, tx, sched, cfg.train.grad_accum, uses_rng, cfg.train.seed,
+                              jax.tree.map(lambda x: x.sharding, state), fgm_epsilon=cfg.train.fgm_epsilon)
     eval_step = make_eval_step(setup.model)
     run_eval = None if eval_ex is None else (lambda trainable: evaluate(setup, eval_step, eval_ex, trainable, micro))
     writer = Writer(workdir)

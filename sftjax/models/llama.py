@@ -59,7 +59,8 @@ class Runtime:
 
     `scan_layers=False` unrolls the decoder into `layers_0 .. layers_{L-1}` subtrees (same math,
     longer compile): then per-layer rules such as "train only the last N layers" are plain path
-    regexes. The LoRA scale is alpha / r (or alpha / sqrt(r) with rsLoRA) with r read off each
+    regexes. `neftune_alpha` > 0 adds NEFTune noise to the token embeddings when not
+    deterministic (training; it needs a "dropout" rng). The LoRA scale is alpha / r (or alpha / sqrt(r) with rsLoRA) with r read off each
     adapter's shape, so per-target ranks need no extra plumbing.
     """
 
@@ -69,6 +70,7 @@ class Runtime:
     lora_alpha: float = 1.0
     lora_rslora: bool = False
     lora_dropout: float = 0.0
+    neftune_alpha: float = 0.0  # NEFTune: uniform noise on the input embeddings in training only
 
 
 def _dot(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
@@ -295,6 +297,10 @@ class Llama(nn.Module):
         einit = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=einit, name="embed_tokens")
         x = embed(input_ids).astype(rt.dtype)
+        if rt.neftune_alpha > 0 and not deterministic:
+            x = x + neftune_noise(self.make_rng("dropout"), x.shape, rt.neftune_alpha).astype(rt.dtype)
+        if self.has_variable("params", "embed_delta"):  # an adversarial perturbation (FGM, see sftjax.adversarial)
+            x = x + self.get_variable("params", "embed_delta").astype(rt.dtype)
         n_prompt = 0
         if self.has_variable("params", "prompt_embedding"):  # prompt tuning: learned virtual tokens in front
             if cache is not None:
@@ -338,6 +344,12 @@ class Llama(nn.Module):
         else:
             logits = Linear(cfg.vocab_size, ("embed", "vocab"), False, rt, name="lm_head")(x).astype(jnp.float32)
         return logits if cache is None else (logits, cache)
+
+
+def neftune_noise(rng: jax.Array, shape: tuple[int, ...], alpha: float) -> jax.Array:
+    """NEFTune (Jain et al. 2023): U(-1, 1) * alpha / sqrt(L * d) for [B, L, d] embeddings, with L
+    the (padded) row length, as in the reference and HF implementations."""
+    return jax.random.uniform(rng, shape, jnp.float32, -1.0, 1.0) * (alpha / math.sqrt(shape[-2] * shape[-1]))
 
 
 def init_cache(cfg: LlamaConfig, batch: int, slots: int, dtype=jnp.float32) -> dict:
