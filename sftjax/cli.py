@@ -143,6 +143,9 @@ def _dispatch(args, overrides: list[str]) -> int:
             write_adapter(args.out, cfg.lora, trainable, setup.model_cfg.num_hidden_layers, cfg.model.path)
             print(f"wrote {args.out}")
             return 0
+        if cfg.prompt_tuning.method != "none":
+            raise UserError(f"export: a {cfg.prompt_tuning.method}-tuned model has no merged HF form "
+                            "(the learned prompt is not a weight of the base architecture)")
         merged = jax.tree.map(np.asarray, setup.merged_params(trainable))
         write_hf_folder(args.out, setup.model_cfg, merged, setup.tokenizer, dtype=args.dtype)
         print(f"wrote {args.out}")

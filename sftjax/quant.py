@@ -85,7 +85,7 @@ def dequantize_tree(params: Mapping) -> dict:
     flat = flatten(params)
     out = {}
     for path, v in flat.items():
-        mod, leaf = path.rsplit("/", 1)
+        mod, _, leaf = path.rpartition("/")
         kind = leaf.removeprefix("kernel_")
         if kind in KINDS:
             out[f"{mod}/kernel"] = np.asarray(dequantize(jnp.asarray(v), jnp.asarray(flat[f"{mod}/kernel_absmax"]), kind))

@@ -107,6 +107,7 @@ def test_dora_step0_identity_merge_and_gradients(tiny_config):
     base = _apply(setup.model, setup.frozen, ids)
     step0 = _apply(setup.model, setup.full_params(), ids)
     err0 = np.abs(step0 - base).max()
+    print(f"DoRA step-0 max |logit diff| vs base: {err0:.3g}")
     assert err0 <= 1e-6, err0
 
     # Trained adapters: the in-graph DoRA equals the merged m * V / ||V||_c kernels.
