@@ -137,7 +137,6 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
 
 CHOICES = {
     ("model", "dtype"): ("float32", "bfloat16"),
-    ("model", "quantize"): ("none", "nf4", "int8"),
     ("data", "format"): ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "classification",
                          "tokens"),
     ("data", "loss_on"): ("assistant", "last_assistant", "all"),
@@ -148,10 +147,11 @@ CHOICES = {
     ("train", "freeze"): ("full", "last_layers", "head", "regex"),
     ("prompt_tuning", "method"): ("none", "prompt", "prefix"),
     ("optim", "schedule"): ("cosine", "linear", "constant"),
+    ("model", "quantize"): ("none", "nf4", "int8"),
 }
 POSITIVE = [("train", "steps"), ("train", "batch_size"), ("train", "grad_accum"), ("data", "max_length"),
-            ("lora", "rank"), ("optim", "lr"),
-            ("train", "last_layers"), ("prompt_tuning", "length"), ("checkpoint", "every"), ("checkpoint", "max_to_keep")]
+            ("lora", "rank"), ("optim", "lr"), ("checkpoint", "every"), ("checkpoint", "max_to_keep")]
+POSITIVE += [("train", "last_layers"), ("prompt_tuning", "length")]
 
 
 def validate(cfg: ConfigDict) -> None:
