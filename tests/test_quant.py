@@ -86,3 +86,27 @@ def test_quantize_without_a_frozen_base_names_the_key(tiny_config):
     tiny_config.model.quantize = "nf4"
     with pytest.raises(UserError, match="model.quantize=nf4: no frozen decoder-layer kernel"):
         build(tiny_config)
+
+
+def test_backward_keeps_no_dequantised_kernels(tiny_config):
+    """The compiled gradient's scratch memory does not grow by the full-precision kernels: they
+    are dequantised again in the backward pass, not stored from the forward pass."""
+    import jax.numpy as jnp
+
+    from sftjax.setup import build
+    from sftjax.step import token_stats
+
+    def temp_bytes(kind):
+        tiny_config.model.quantize = kind
+        tiny_config.lora.targets = ("all_linear",)
+        s = build(tiny_config)
+        b, t = 4, 32
+        batch = {"input_ids": jnp.zeros((b, t), jnp.int32), "valid": jnp.ones((b, t), bool),
+                 "labels": jnp.zeros((b, t), jnp.int32), "weights": jnp.ones((b, t), jnp.float32)}
+        g = jax.jit(jax.grad(lambda tr, fr, bt: token_stats(s.model, tr, fr, bt)["loss_sum"]))
+        kernels = sum(v.size * 4 for k, v in flatten(s.merged_params()).items() if quant.LAYER_KERNEL.search(k))
+        return g.lower(s.trainable, s.frozen, batch).compile().memory_analysis().temp_size_in_bytes, kernels
+
+    base, kernel_bytes = temp_bytes("none")
+    nf4, _ = temp_bytes("nf4")
+    assert nf4 - base < kernel_bytes // 4, (nf4, base, kernel_bytes)

@@ -100,12 +100,17 @@ class Linear(nn.Module):
         quantized = [k for k in quant.KINDS if self.has_variable("params", f"kernel_{k}")]
         if quantized:  # QLoRA: a frozen blockwise-quantised kernel, dequantised right here
             kind = quantized[0]
-            kernel = quant.dequantize(self.get_variable("params", f"kernel_{kind}"),
-                                      self.get_variable("params", "kernel_absmax"), kind)
+            codes, absmax = self.get_variable("params", f"kernel_{kind}"), self.get_variable("params", "kernel_absmax")
+            kernel = quant.dequantize(codes, absmax, kind)
+            # Rematerialised: the backward pass dequantises again instead of keeping every layer's
+            # full-precision kernel alive from the forward pass (which would undo the saving).
+            qdot = jax.checkpoint(lambda c, s, inp: _dot(inp, quant.dequantize(c, s, kind), dtype))
+            matmul = lambda inp: qdot(codes, absmax, inp)  # noqa: E731
         else:
             init = nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes)
             kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.float32)
-        y = _dot(x, kernel, dtype)
+            matmul = lambda inp: _dot(inp, kernel, dtype)  # noqa: E731
+        y = matmul(x)
         if self.has_variable("params", "lora_a"):
             h = x
             if self.rt.lora_dropout > 0 and not self.deterministic:
@@ -121,7 +126,7 @@ class Linear(nn.Module):
                 norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(w * w, axis=0)))
                 ratio = (m / norm).astype(dtype)
                 # PEFT's form (bias left out of the rescaling); with dropout the base term sees it too.
-                base = y if h is x else _dot(h, kernel, dtype)
+                base = y if h is x else matmul(h)
                 y = y + (ratio - 1) * base + ratio * delta
             else:
                 y = y + delta
