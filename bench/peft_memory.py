@@ -2,12 +2,16 @@
 SmolLM2-135M-Instruct (the embedded model), computed from the real parameter trees' shapes and
 dtypes. No training runs: optimizer state comes from `jax.eval_shape(tx.init, trainable)`.
 
-    PYTHONPATH=. python bench/peft_memory.py
+    PYTHONPATH=. python bench/peft_memory.py             # the tables
+    PYTHONPATH=. python bench/peft_memory.py --compiled  # XLA's memory analysis of the gradient
 """
 
 from __future__ import annotations
 
+import sys
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sftjax import quant
@@ -85,5 +89,25 @@ def main() -> None:
         print(f"| all {name} | {b:,} | {b / MB:.1f} |")
 
 
+def compiled(batch: int = 4, length: int = 256) -> None:
+    """Arguments and scratch bytes of the compiled gradient (forward + backward, no optimizer) as
+    XLA plans them, for full fine-tuning and all-linear LoRA r=8 over a float32/NF4/int8 base."""
+    from sftjax.step import token_stats
+
+    ids = {"input_ids": jnp.zeros((batch, length), jnp.int32), "valid": jnp.ones((batch, length), bool),
+           "labels": jnp.zeros((batch, length), jnp.int32), "weights": jnp.ones((batch, length), jnp.float32)}
+    print(f"| gradient of a {batch}x{length} batch | arguments MiB | scratch MiB | sum MiB |")
+    print("|---|---:|---:|---:|")
+    for name, lora_on, q in (("full fine-tuning", False, "none"), ("LoRA, float32 base", True, "none"),
+                             ("QLoRA nf4", True, "nf4"), ("QLoRA int8", True, "int8")):
+        c = base_config()
+        c.mesh.data, c.lora.enabled, c.lora.targets, c.model.quantize = 1, lora_on, ("all_linear",), q
+        s = build(c)
+        g = jax.jit(jax.grad(lambda tr, fr, b, s=s: token_stats(s.model, tr, fr, b)["loss_sum"]))
+        m = g.lower(s.trainable, s.frozen, ids).compile().memory_analysis()
+        a, t = m.argument_size_in_bytes / MB, m.temp_size_in_bytes / MB
+        print(f"| {name} | {a:.1f} | {t:.1f} | {a + t:.1f} |")
+
+
 if __name__ == "__main__":
-    main()
+    compiled() if "--compiled" in sys.argv else main()
