@@ -131,3 +131,33 @@ def test_cli_export_peft_and_bf16_merged(tiny_config, tmp_path):
     print(f"bf16 merged export: max |logit diff| vs bf16-rounded ours = {err_b:.3g}, vs float32 ours = {err_vs_f32:.3g}")
     assert err_b <= 1e-4
     assert err_vs_f32 <= 5e-2
+
+
+def test_init_from_an_adapter_that_peft_saved(tiny_config, tmp_path):
+    """An adapter written by PEFT itself (not by us) loads with lora.init_from and gives PEFT's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from sftjax.setup import build
+
+    cfg = tiny_config
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
+    pc = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_dora=True,
+                         rank_pattern={"v_proj": 4}, task_type="CAUSAL_LM")
+    model = peft.get_peft_model(base, pc)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor(IDS, dtype=torch.long)).logits.numpy()
+    out = str(tmp_path / "peft-saved")
+    model.save_pretrained(out)
+
+    cfg.lora.dora, cfg.lora.rank_overrides, cfg.lora.init_from = True, ((r"v_proj$", 4),), out
+    setup = build(cfg)
+    ours = np.asarray(setup.model.apply({"params": setup.full_params()}, IDS))
+    err = float(np.abs(ours - theirs).max())
+    print(f"PEFT-saved DoRA adapter loaded by lora.init_from: max |logit diff| = {err:.3g}")
+    assert err <= 1e-3
