@@ -44,6 +44,12 @@ class Setup:
 def build(cfg) -> Setup:
     mcfg, base, tok = load_pretrained(cfg.model.path)
     use_lora = cfg.lora.enabled
+    if use_lora and cfg.train.freeze != "full":
+        raise UserError(f"train.freeze={cfg.train.freeze}: chooses trainable base parameters without LoRA; "
+                        "set lora.enabled=False (with LoRA only the adapters train)")
+    if use_lora and cfg.train.trainable:
+        raise UserError("train.trainable: chooses trainable base parameters without LoRA; set lora.enabled=False "
+                        "and train.freeze=regex (with LoRA only the adapters train)")
     if cfg.prompt_tuning.method != "none" and use_lora:
         raise UserError(f"prompt_tuning.method={cfg.prompt_tuning.method}: trains only the prompt over a frozen "
                         "base; set lora.enabled=False")

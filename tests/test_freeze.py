@@ -86,6 +86,9 @@ def test_head_only(tiny_config):
 
 def test_freezing_config_errors_name_the_key(tiny_config):
     cfg = tiny_config
+    cfg.train.freeze = "head"
+    with pytest.raises(UserError, match="train.freeze=head: .*set lora.enabled=False"):
+        build(cfg)
     cfg.lora.enabled = False
     cfg.train.freeze = "last_layers"
     with pytest.raises(UserError, match="model.scan_layers=False"):
