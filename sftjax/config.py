@@ -75,7 +75,7 @@ def base_config() -> ConfigDict:
     )
     # Prompt tuning (prompt: `length` learned virtual tokens in front of every sequence) or prefix
     # tuning (prefix: `length` learned keys/values in every layer, P-tuning v2). Only these train;
-    # needs lora.enabled=False. Generation supports prefix, not prompt, tuning.
+    # needs lora.enabled=False.
     c.prompt_tuning = dict(method="none", length=16)
     c.train = dict(
         steps=100,

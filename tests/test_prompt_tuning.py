@@ -36,8 +36,6 @@ def _train(cfg, steps=4):
 
 @pytest.mark.parametrize("scan", [True, False])
 def test_prefix_tuning_trains_only_the_prefixes(tiny_config, scan):
-    from sftjax.generate import greedy
-
     cfg = tiny_config
     cfg.lora.enabled = False
     cfg.model.scan_layers = scan
@@ -51,13 +49,8 @@ def test_prefix_tuning_trains_only_the_prefixes(tiny_config, scan):
         assert len(keys) == 4 and all(k.startswith(("layers_0/self_attn/prefix_", "layers_1/self_attn/prefix_"))
                                       for k in keys)
     assert losses[-1] < losses[0], losses
-    # Generation with the key/value cache sees the prefixes too: its first token is the argmax
-    # of a plain forward pass over the prompt.
-    params = setup.full_params(state.trainable)
-    prompt = np.arange(5, 12, dtype=np.int32)
-    first = greedy(setup.model, params, [prompt], 1, None)[0][0]
-    logits = np.asarray(setup.model.apply({"params": params}, prompt[None]))
-    assert first == int(np.argmax(logits[0, -1]))
+    # Generation with the key/value cache sees the prefixes too.
+    _assert_greedy_matches_full_forward(setup.model, setup.full_params(state.trainable))
 
 
 def test_prompt_tuning_trains_only_the_prompt(tiny_config):
@@ -75,6 +68,22 @@ def test_prompt_tuning_trains_only_the_prompt(tiny_config):
     assert out.shape == base.shape == (2, 9, 49152) and np.abs(out - base).max() > 1e-3
     # Only the virtual tokens train: 4 x 64 parameters.
     assert sum(x.size for x in jax.tree.leaves(state.trainable)) == 256
+    _assert_greedy_matches_full_forward(setup.model, setup.full_params(state.trainable))
+
+
+def _assert_greedy_matches_full_forward(model, params, n=3):
+    """Cached greedy decoding (two rows of different lengths, so one is left-padded) produces the
+    tokens that repeated full forward passes pick."""
+    from sftjax.generate import greedy
+
+    prompts = [np.arange(5, 12, dtype=np.int32), np.arange(20, 24, dtype=np.int32)]
+    got = greedy(model, params, prompts, n, None)
+    for p, g in zip(prompts, got, strict=True):
+        seq = list(p)
+        for _ in range(n):
+            logits = np.asarray(model.apply({"params": params}, np.asarray([seq], np.int32)))
+            seq.append(int(np.argmax(logits[0, -1])))
+        assert list(g) == seq[len(p):], (list(g), seq[len(p):])
 
 
 def test_prompt_tuning_with_lora_names_the_key(tiny_config):

@@ -207,12 +207,17 @@ class Attention(nn.Module):
             at = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)
-            cache = {"k": k, "v": v}
+            cache = {**cache, "k": k, "v": v}
+        pk = pv = None
         if self.has_variable("params", "prefix_k"):  # prefix tuning: learned keys/values every query sees
             pk, pv = self.get_variable("params", "prefix_k"), self.get_variable("params", "prefix_v")
-            k = jnp.concatenate([jnp.broadcast_to(pk, (b, *pk.shape)).astype(k.dtype), k], axis=1)
-            v = jnp.concatenate([jnp.broadcast_to(pv, (b, *pv.shape)).astype(v.dtype), v], axis=1)
-            mask = jnp.concatenate([jnp.ones((*mask.shape[:2], pk.shape[0]), bool), mask], axis=-1)
+            pk, pv = jnp.broadcast_to(pk, (b, *pk.shape)), jnp.broadcast_to(pv, (b, *pv.shape))
+        elif cache is not None and "prompt_k" in cache:  # prompt tuning while decoding: the virtual tokens' k/v
+            pk, pv = cache["prompt_k"], cache["prompt_v"]
+        if pk is not None:
+            k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
+            mask = jnp.concatenate([jnp.ones((*mask.shape[:2], pk.shape[1]), bool), mask], axis=-1)
         q = q.reshape(b, t, nkv, nh // nkv, hd)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(hd)
@@ -306,19 +311,6 @@ class Llama(nn.Module):
             x = x + neftune_noise(self.make_rng("dropout"), x.shape, rt.neftune_alpha).astype(rt.dtype)
         if self.has_variable("params", "embed_delta"):  # an adversarial perturbation (FGM, see sftjax.adversarial)
             x = x + self.get_variable("params", "embed_delta").astype(rt.dtype)
-        n_prompt = 0
-        if self.has_variable("params", "prompt_embedding"):  # prompt tuning: learned virtual tokens in front
-            if cache is not None:
-                raise UserError("prompt_tuning.method=prompt: generation with a key/value cache is not supported")
-            prompt = self.get_variable("params", "prompt_embedding")
-            n_prompt = prompt.shape[0]
-            x = jnp.concatenate([jnp.broadcast_to(prompt, (b, *prompt.shape)).astype(rt.dtype), x], axis=1)
-            positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(n_prompt), (b, n_prompt)), positions + n_prompt], 1)
-            causal = jnp.broadcast_to(jnp.tril(jnp.ones((n_prompt, n_prompt), bool)), (b, n_prompt, n_prompt))
-            top = jnp.concatenate([causal, jnp.zeros((b, n_prompt, t), bool)], axis=2)
-            bottom = jnp.concatenate([jnp.ones((b, t, n_prompt), bool), mask], axis=2)
-            mask = jnp.concatenate([top, bottom], axis=1)
-            head_positions = None if head_positions is None else head_positions + n_prompt
         block = nn.remat(Block, static_argnums=()) if rt.remat else Block
         if rt.scan_layers:
             stack = nn.scan(
@@ -329,20 +321,46 @@ class Llama(nn.Module):
                 length=cfg.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, cache = stack(cfg, rt, deterministic, name="layers")(x, positions, mask, cache, cache_index)
+            run_layers = stack(cfg, rt, deterministic, name="layers")
         else:
-            caches = []
-            for i in range(cfg.num_hidden_layers):
-                layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
-                x, layer_cache = block(cfg, rt, deterministic, name=f"layers_{i}")(x, positions, mask, layer_cache,
-                                                                                   cache_index)
-                caches.append(layer_cache)
-            if cache is not None:  # the cache stays stacked over layers, as `init_cache` makes it
-                cache = jax.tree.map(lambda *cs: jnp.stack(cs), *caches)
+            blocks = [block(cfg, rt, deterministic, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
+
+            def run_layers(x, positions, mask, cache, cache_index):
+                caches = []
+                for i, blk in enumerate(blocks):
+                    layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
+                    x, layer_cache = blk(x, positions, mask, layer_cache, cache_index)
+                    caches.append(layer_cache)
+                # The cache stays stacked over layers, as `init_cache` makes it.
+                return x, None if cache is None else jax.tree.map(lambda *cs: jnp.stack(cs), *caches)
+
+        n_prompt = 0
+        if self.has_variable("params", "prompt_embedding"):  # prompt tuning: learned virtual tokens in front
+            prompt = self.get_variable("params", "prompt_embedding")
+            n_prompt = prompt.shape[0]
+            virtual = jnp.broadcast_to(prompt, (b, *prompt.shape)).astype(rt.dtype)
+            prompt_pos = jnp.broadcast_to(jnp.arange(n_prompt), (b, n_prompt))
+            causal = jnp.broadcast_to(jnp.tril(jnp.ones((n_prompt, n_prompt), bool)), (b, n_prompt, n_prompt))
+            positions = positions + n_prompt
+            if cache is None:
+                x = jnp.concatenate([virtual, x], axis=1)
+                positions = jnp.concatenate([prompt_pos, positions], 1)
+                top = jnp.concatenate([causal, jnp.zeros((b, n_prompt, t), bool)], axis=2)
+                bottom = jnp.concatenate([jnp.ones((b, t, n_prompt), bool), mask], axis=2)
+                mask = jnp.concatenate([top, bottom], axis=1)
+                head_positions = None if head_positions is None else head_positions + n_prompt
+            elif "prompt_k" not in cache:
+                # Decoding: the virtual tokens see only each other, so their keys/values are computed
+                # once (on the first call) and kept in the cache, where attention reads them as a prefix.
+                kv = jnp.zeros((cfg.num_hidden_layers, b, n_prompt, *cache["k"].shape[3:]), cache["k"].dtype)
+                _, filled = run_layers(virtual, prompt_pos, causal, {"k": kv, "v": kv}, 0)
+                cache = {**cache, "prompt_k": filled["k"], "prompt_v": filled["v"]}
+        x, cache = run_layers(x, positions, mask, cache, cache_index)
+        n_drop = n_prompt if cache is None else 0  # with a cache the virtual tokens were never part of x
         if head_positions is not None:
             x = jnp.take_along_axis(x, head_positions[..., None], axis=1)
-        elif n_prompt:
-            x = x[:, n_prompt:]  # logits for the real tokens only
+        elif n_drop:
+            x = x[:, n_drop:]  # logits for the real tokens only
         x = RMSNorm(cfg.rms_norm_eps, rt, name="norm")(x)
         if cfg.tie_word_embeddings:
             logits = _dot(x, embed.embedding.T, rt.dtype).astype(jnp.float32)
