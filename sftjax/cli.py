@@ -33,10 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--system", help="system message placed before each prompt")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--base", action="store_true", help="use the base model, ignoring the checkpoint")
-    e = sub.add_parser("export", help="write a merged HF folder (config, safetensors, tokenizer)")
+    e = sub.add_parser("export", help="write a merged HF folder (config, safetensors, tokenizer) or a PEFT adapter")
     e.add_argument("--workdir", required=True)
     e.add_argument("--out", required=True)
     e.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    e.add_argument("--format", choices=("merged", "peft"), default="merged",
+                   help="merged: a full HF model folder; peft: adapter_config.json + adapter_model.safetensors")
     c = sub.add_parser("convert", help="GGUF file -> HF folder")
     c.add_argument("--gguf", required=True, help="a .gguf file, or smollm2-135m-instruct for the embedded model")
     c.add_argument("--out", required=True)
@@ -146,6 +148,17 @@ def _dispatch(args, overrides: list[str]) -> int:
 
         from sftjax.weights import write_hf_folder
 
+        if args.format == "peft":
+            from sftjax.peft_export import write_adapter
+
+            if not cfg.lora.enabled:
+                raise UserError("--format=peft: this run trained without LoRA (lora.enabled=False); use --format=merged")
+            write_adapter(args.out, cfg.lora, trainable, setup.model_cfg.num_hidden_layers, cfg.model.path)
+            print(f"wrote {args.out}")
+            return 0
+        if cfg.prompt_tuning.method != "none":
+            raise UserError(f"export: a {cfg.prompt_tuning.method}-tuned model has no merged HF form "
+                            "(the learned prompt is not a weight of the base architecture)")
         merged = jax.tree.map(np.asarray, setup.merged_params(trainable))
         write_hf_folder(args.out, setup.model_cfg, merged, setup.tokenizer, dtype=args.dtype)
         print(f"wrote {args.out}")

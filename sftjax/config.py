@@ -25,6 +25,12 @@ def base_config() -> ConfigDict:
         path="smollm2-135m-instruct",  # HF folder, .gguf file, or the embedded default's name
         dtype="float32",  # compute dtype: float32 or bfloat16 (master weights stay float32)
         remat=False,  # rematerialise each layer in the backward pass (less memory, ~30% more compute)
+        # True: layers stacked under one `layers` subtree and run with nn.scan (fast compile).
+        # False: unrolled into layers_0..layers_{L-1} (needed by train.freeze=last_layers; same math).
+        scan_layers=True,
+        # QLoRA: store the frozen decoder-layer kernels blockwise-quantised (64 values per absmax
+        # scale) and dequantise them inside each matmul: none | nf4 (4-bit NormalFloat) | int8.
+        quantize="none",
     )
     c.data = dict(
         train="",  # data source (see below), or recipe:NAME (see sftjax/data/recipes.py)
@@ -55,21 +61,50 @@ def base_config() -> ConfigDict:
         max_eval_examples=256,
         seed=0,
     )
-    c.lora = dict(enabled=True, rank=8, alpha=16.0, dropout=0.0, targets=("qv",), rslora=False)
+    c.lora = dict(
+        enabled=True,
+        rank=8,
+        alpha=16.0,  # scale = alpha / rank (alpha / sqrt(rank) with rslora), rank per module
+        dropout=0.0,
+        targets=("qv",),  # presets qv | attention | all_linear, or regexes over module paths
+        rslora=False,
+        # ((module regex, rank), ...): first match sets that module's rank, e.g. (("mlp/", 16),)
+        rank_overrides=(),
+        dora=False,  # DoRA: also learn a magnitude per output column (weight-decomposed LoRA)
+        init_from="",  # a PEFT adapter folder to start from (e.g. `sftjax export --format=peft` output)
+    )
+    # Prompt tuning (prompt: `length` learned virtual tokens in front of every sequence) or prefix
+    # tuning (prefix: `length` learned keys/values in every layer, P-tuning v2). Only these train;
+    # needs lora.enabled=False.
+    c.prompt_tuning = dict(method="none", length=16)
     c.train = dict(
         steps=100,
         batch_size=8,  # global batch (examples per optimizer step, across devices and micro-batches)
         grad_accum=1,  # micro-batches per step; the loss is normalised over the whole global batch
-        trainable=(),  # without LoRA: regexes of trainable params; empty means all (full fine-tuning)
+        # Without LoRA, which parameters train: full (all) | last_layers (the last train.last_layers
+        # layers + final norm + head; needs model.scan_layers=False) | head (final norm + head) |
+        # regex (train.trainable). The trainable count and % are logged at start.
+        freeze="full",
+        last_layers=2,
+        trainable=(),  # with train.freeze=regex: regexes (re.search) over parameter paths
         seed=0,
         eval_every=0,  # 0: evaluate only before and after training
         log_every=1,
         sample_prompts=(),  # user prompts generated before and after training
         sample_eval=0,  # also generate for this many held-out conversations
         sample_max_new_tokens=24,
+        neftune_alpha=0.0,  # NEFTune: U(-1,1) * alpha / sqrt(L * d) noise on input embeddings, training only (0: off; 5 is usual)
+        fgm_epsilon=0.0,  # FGM: also train on embeddings perturbed by epsilon * g / ||g|| (0: off; ~1 is usual)
     )
     c.optim = dict(
-        name="adamw", lr=2e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=1.0,
+        # adamw | adafactor (factored second moments, little state) | lion (one moment; use a 3-10x lower lr)
+        name="adamw",
+        lr=2e-4,  # peak; typical: 1e-4..3e-4 with LoRA, 1e-5..5e-5 for full fine-tuning
+        b1=0.9, b2=0.999, eps=1e-8,  # betas (adamw, lion) and eps (adamw)
+        weight_decay=0.01,  # decoupled, times the lr, off the optim.no_decay paths, for every optimizer
+        clip_norm=1.0,
+        # Linear warmup (warmup_steps, or warmup_ratio of train.steps when warmup_steps < 0), then
+        # cosine | linear (down to lr * min_lr_ratio) | constant.
         schedule="cosine", warmup_steps=-1, warmup_ratio=0.1, min_lr_ratio=0.1,
         no_decay=(r"scale$", r"bias$", r"embedding$"),
     )
@@ -108,11 +143,15 @@ CHOICES = {
     ("data", "truncation"): ("right", "left", "drop"),
     ("data", "on_no_targets"): ("drop", "raise"),
     ("data", "dedup"): ("none", "exact", "near"),
-    ("optim", "name"): ("adamw",),
+    ("optim", "name"): ("adamw", "adafactor", "lion"),
+    ("train", "freeze"): ("full", "last_layers", "head", "regex"),
+    ("prompt_tuning", "method"): ("none", "prompt", "prefix"),
     ("optim", "schedule"): ("cosine", "linear", "constant"),
+    ("model", "quantize"): ("none", "nf4", "int8"),
 }
 POSITIVE = [("train", "steps"), ("train", "batch_size"), ("train", "grad_accum"), ("data", "max_length"),
             ("lora", "rank"), ("optim", "lr"), ("checkpoint", "every"), ("checkpoint", "max_to_keep")]
+POSITIVE += [("train", "last_layers"), ("prompt_tuning", "length")]
 
 
 def validate(cfg: ConfigDict) -> None:
@@ -126,6 +165,14 @@ def validate(cfg: ConfigDict) -> None:
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise UserError(f"train.batch_size: {cfg.train.batch_size} is not divisible by "
                         f"train.grad_accum={cfg.train.grad_accum}")
+    for item in cfg.lora.rank_overrides:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], int) and item[1] > 0):
+            raise UserError(f"lora.rank_overrides: each entry must be a (module regex, positive rank) pair, "
+                            f"got {item!r}")
+    for key in ("neftune_alpha", "fgm_epsilon"):
+        if cfg.train[key] < 0:
+            raise UserError(f"train.{key}: must be >= 0 (0 turns it off), got {cfg.train[key]}")
     if not 0 <= cfg.lora.dropout < 1:
         raise UserError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
 

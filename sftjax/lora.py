@@ -3,12 +3,15 @@
 `init_adapters` adds `lora_a` [.., in, r] and `lora_b` [.., r, out] beside each targeted `kernel`
 (the stacked layer axis, if any, stays in front). B starts at zero, so the adapted model equals
 the base model exactly at step 0. The model's `Linear` picks the adapters up from the tree; no
-model code changes with the set of targets. `merge` folds them back into the kernels for export.
+model code changes with the set of targets. `merge` folds them back into the kernels for export;
+`unmerge` takes them out again. The scale alpha / r uses each adapter's own rank, so per-target
+ranks (`lora.rank_overrides`) need nothing else; DoRA adds a magnitude vector per kernel.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 
 import jax
@@ -17,6 +20,8 @@ import numpy as np
 
 from sftjax.errors import UserError
 from sftjax.params import flatten, matching, unflatten
+
+ADAPTER_LEAVES = ("/lora_a", "/lora_b", "/lora_magnitude")
 
 # Module-path presets; a target is a regex searched in the kernel's module path.
 PRESETS = {
@@ -40,35 +45,83 @@ def target_modules(params: Mapping, targets: list[str]) -> list[str]:
     return sorted(matching(modules, pats, "lora.targets"))
 
 
-def init_adapters(params: Mapping, targets: list[str], rank: int, seed: int) -> dict:
-    """Adapters for the targeted kernels: A ~ U(+-1/sqrt(in)) (PEFT's default), B = 0."""
+def module_rank(module: str, rank: int, rank_overrides) -> int:
+    """The rank of one targeted module: the first (regex, rank) override that matches, else `rank`."""
+    for pat, r in rank_overrides:
+        if re.search(pat, module):
+            if int(r) <= 0:
+                raise UserError(f"lora.rank_overrides: rank for {pat!r} must be a positive integer, got {r}")
+            return int(r)
+    return rank
+
+
+def init_adapters(params: Mapping, targets: list[str], rank: int, seed: int, rank_overrides=(),
+                  dora: bool = False) -> dict:
+    """Adapters for the targeted kernels: A ~ U(+-1/sqrt(in)) (PEFT's default), B = 0.
+
+    `rank_overrides` is a sequence of (module regex, rank) pairs, first match wins. With `dora`,
+    each kernel also gets its DoRA magnitude m = the column norms of the kernel [.., out], so the
+    adapted model still equals the base model at step 0.
+    """
     if rank <= 0:
         raise UserError(f"lora.rank: must be a positive integer, got {rank}")
     flat = flatten(params)
     out = {}
     rng = np.random.default_rng(seed)
-    for mod in target_modules(params, targets):
+    modules = target_modules(params, targets)
+    for pat, _ in rank_overrides:
+        matching(modules, [pat], "lora.rank_overrides")
+    for mod in modules:
         kernel = flat[f"{mod}/kernel"]
+        r = module_rank(mod, rank, rank_overrides)
         *lead, fan_in, fan_out = kernel.shape
         bound = 1.0 / math.sqrt(fan_in)
-        out[f"{mod}/lora_a"] = rng.uniform(-bound, bound, (*lead, fan_in, rank)).astype(np.float32)
-        out[f"{mod}/lora_b"] = np.zeros((*lead, rank, fan_out), np.float32)
+        out[f"{mod}/lora_a"] = rng.uniform(-bound, bound, (*lead, fan_in, r)).astype(np.float32)
+        out[f"{mod}/lora_b"] = np.zeros((*lead, r, fan_out), np.float32)
+        if dora:
+            out[f"{mod}/lora_magnitude"] = np.asarray(column_norm(jnp.asarray(kernel, jnp.float32)))
     return unflatten(out)
 
 
-def merge(params: Mapping, lora_scale: float) -> dict:
-    """Fold every (lora_a, lora_b) pair into its kernel: W + scale * A @ B; drops the adapters."""
+def column_norm(w: jax.Array) -> jax.Array:
+    """L2 norm of each output column of a [.., in, out] kernel (DoRA's ||W||_c)."""
+    return jnp.sqrt(jnp.sum(w * w, axis=-2))
+
+
+def _delta(a, b, alpha: float, rslora: bool):
+    return scale(alpha, a.shape[-1], rslora) * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+def merge(params: Mapping, alpha: float, rslora: bool = False) -> dict:
+    """Fold every adapter into its kernel and drop the adapters: W + s*A@B with s from each
+    adapter's own rank; with DoRA, m * (W + s*A@B) / ||W + s*A@B||_c."""
     flat = flatten(params)
-    out = {p: v for p, v in flat.items() if not p.endswith(("/lora_a", "/lora_b"))}
+    out = {p: v for p, v in flat.items() if not p.endswith(ADAPTER_LEAVES)}
     for p in flat:
         if p.endswith("/lora_a"):
             mod = p[: -len("/lora_a")]
-            delta = jnp.matmul(flat[p], flat[f"{mod}/lora_b"], precision=jax.lax.Precision.HIGHEST)
-            out[f"{mod}/kernel"] = flat[f"{mod}/kernel"] + lora_scale * delta
+            w = flat[f"{mod}/kernel"] + _delta(flat[p], flat[f"{mod}/lora_b"], alpha, rslora)
+            if f"{mod}/lora_magnitude" in flat:
+                w = w * (flat[f"{mod}/lora_magnitude"] / column_norm(w))[..., None, :]
+            out[f"{mod}/kernel"] = w
     return unflatten(out)
 
 
-def adapter_axes(kernel_axes: tuple) -> tuple[tuple, tuple]:
-    """Logical axes of A and B from their kernel's axes: the rank dimension is never sharded."""
+def unmerge(merged: Mapping, adapters: Mapping, alpha: float, rslora: bool = False) -> dict:
+    """Inverse of `merge` for plain LoRA: W = W' - s*A@B. DoRA cannot be unmerged from W' and the
+    adapters alone (W' keeps only the direction of W + s*A@B), so it raises."""
+    flat, ad = flatten(merged), flatten(adapters)
+    if any(p.endswith("/lora_magnitude") for p in ad):
+        raise UserError("lora.dora: a DoRA-merged kernel cannot be unmerged (its column norms are lost)")
+    out = dict(flat)
+    for p in ad:
+        if p.endswith("/lora_a"):
+            mod = p[: -len("/lora_a")]
+            out[f"{mod}/kernel"] = flat[f"{mod}/kernel"] - _delta(ad[p], ad[f"{mod}/lora_b"], alpha, rslora)
+    return unflatten(out)
+
+
+def adapter_axes(kernel_axes: tuple) -> dict[str, tuple]:
+    """Logical axes of each adapter leaf from its kernel's axes: the rank dimension is never sharded."""
     *lead, fan_in, fan_out = kernel_axes
-    return (*lead, fan_in, None), (*lead, None, fan_out)
+    return {"lora_a": (*lead, fan_in, None), "lora_b": (*lead, None, fan_out), "lora_magnitude": (*lead, fan_out)}

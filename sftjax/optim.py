@@ -1,4 +1,11 @@
-"""The optimizer: clip by global norm -> AdamW with a path-masked weight decay -> schedule.
+"""The optimizer: clip by global norm -> AdamW | Adafactor | Lion with a path-masked weight decay -> schedule.
+
+Weight decay is decoupled and scaled by the learning rate for all three (lr * wd * param, as in
+AdamW), and skips the paths matching `optim.no_decay`. Usual settings: lr 1e-5..5e-5 for full
+fine-tuning, 1e-4..3e-4 for LoRA (Lion: 3-10x lower than AdamW); wd 0.01; betas 0.9/0.999;
+eps 1e-8. Adafactor uses an absolute step size (no parameter-scale multiplication), factored
+second moments for matrices with both sides >= 128 and no momentum, so it keeps far less state;
+Lion keeps one moment (half of AdamW's state).
 
 It is built over the *trainable* subtree only, so frozen parameters hold no optimizer state at
 all (and receive no gradients: `step.py` differentiates only the trainable subtree).
@@ -35,14 +42,20 @@ def schedule(cfg, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(cfg, trainable: Mapping, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """clip -> AdamW(b1, b2, eps, wd masked off paths matching optim.no_decay) with the schedule."""
+    """clip -> optim.name (wd masked off paths matching optim.no_decay) with the schedule."""
     sched = schedule(cfg, total_steps)
     no_decay = [re.compile(p) for p in cfg.no_decay]
     decay = mask_tree(trainable, lambda path: not any(p.search(path) for p in no_decay))
-    if cfg.name != "adamw":
-        raise UserError(f"optim.name: {cfg.name!r} is not supported (adamw)")
-    tx = optax.chain(
-        optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity(),
-        optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay),
-    )
+    if cfg.name == "adamw":
+        opt = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay)
+    elif cfg.name == "lion":
+        opt = optax.lion(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay)
+    elif cfg.name == "adafactor":
+        # optax adds Adafactor's decay after the learning rate: scale it by the schedule ourselves.
+        opt = optax.adafactor(sched, multiply_by_parameter_scale=False,
+                              weight_decay_rate=lambda step: cfg.weight_decay * sched(step),
+                              weight_decay_mask=decay)
+    else:
+        raise UserError(f"optim.name: {cfg.name!r} is not one of adamw, adafactor, lion")
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity(), opt)
     return tx, sched

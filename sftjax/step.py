@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sftjax.adversarial import fgm
 from sftjax.params import merge
 
 
@@ -52,11 +53,12 @@ def token_stats(model, trainable, frozen, batch, rng=None, num_sources: int = 1)
 
 
 def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accum: int, dropout: bool, seed: int,
-                    state_sharding=None, num_sources: int = 1):
+                    state_sharding=None, num_sources: int = 1, fgm_epsilon: float = 0.0):
     """Jitted (state, frozen, batch) -> (state, metrics); batch leaves are [global_batch, ...].
 
     The state is donated (updated in place); `frozen` is not. `state_sharding` pins the output
-    state to the input's shardings so the step never recompiles.
+    state to the input's shardings so the step never recompiles. `dropout`: pass an rng (LoRA
+    dropout, NEFTune). `fgm_epsilon` > 0 adds FGM adversarial training (`sftjax.adversarial`).
     """
 
     def summed_loss(trainable, frozen, mb, rng):
@@ -65,6 +67,8 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
         return stats["loss_sum"], (stats["tokens"], by_source)
 
     value_and_grad = jax.value_and_grad(summed_loss, has_aux=True)
+    if fgm_epsilon > 0:
+        value_and_grad = fgm(value_and_grad, fgm_epsilon, model.cfg.hidden_size)
 
     def step(state: TrainState, frozen: Mapping, batch: Mapping):
         key = jax.random.fold_in(jax.random.key(seed), state.step) if dropout else None

@@ -156,8 +156,9 @@ def run(cfg, workdir: str) -> dict:
     if start:
         state = ckpt.restore(start, state, loader)
         log.info("resumed from %s at step %d", ckpt.dir, start)
-    step_fn = make_train_step(setup.model, tx, sched, cfg.train.grad_accum, cfg.lora.enabled and cfg.lora.dropout > 0,
-                              cfg.train.seed, jax.tree.map(lambda x: x.sharding, state), n_src)
+    uses_rng = (cfg.lora.enabled and cfg.lora.dropout > 0) or cfg.train.neftune_alpha > 0
+    step_fn = make_train_step(setup.model, tx, sched, cfg.train.grad_accum, uses_rng, cfg.train.seed,
+                              jax.tree.map(lambda x: x.sharding, state), n_src, fgm_epsilon=cfg.train.fgm_epsilon)
     eval_step = make_eval_step(setup.model, n_src)
     run_eval = None if data.eval is None else (
         lambda trainable: evaluate(setup, eval_step, data.eval, trainable, micro, data.names))

@@ -1,5 +1,6 @@
 import jax
 import numpy as np
+import pytest
 
 from sftjax import lora
 from sftjax.params import flatten
@@ -49,3 +50,79 @@ def test_unmatched_target_raises():
     base = {"layers": {"self_attn": {"q_proj": {"kernel": np.zeros((2, 4, 4))}}}}
     with pytest.raises(UserError, match="lora.targets: pattern 'qproj' matches no parameter"):
         lora.init_adapters(base, ["qproj"], 2, 0)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_rank_overrides_merge_unmerge_round_trip(tiny_config, scan):
+    from sftjax.setup import build
+
+    cfg = tiny_config
+    cfg.model.scan_layers = scan
+    cfg.lora.targets = ("all_linear",)
+    cfg.lora.rank_overrides = ((r"mlp/", 4), (r"v_proj$", 2))
+    setup = build(cfg)
+    flat = flatten(setup.trainable)
+    pre = "layers" if scan else "layers_1"
+    assert flat[f"{pre}/mlp/up_proj/lora_a"].shape[-1] == 4
+    assert flat[f"{pre}/self_attn/v_proj/lora_b"].shape[-2] == 2
+    assert flat[f"{pre}/self_attn/q_proj/lora_a"].shape[-1] == 8
+    trained = jax.tree.map(lambda x: x + 0.05, setup.trainable)
+    ids = np.random.default_rng(0).integers(0, 1000, (2, 12)).astype(np.int32)
+    adapted = _apply(setup.model, setup.full_params(trained), ids)
+    params = setup.full_params(trained)
+    merged = lora.merge(params, cfg.lora.alpha)
+    # Each module scales by alpha over its own rank, in the graph and in the merge alike.
+    np.testing.assert_allclose(_apply(setup.model, merged, ids), adapted, atol=2e-5)
+    base = {k: v for k, v in flatten(params).items() if not k.endswith(lora.ADAPTER_LEAVES)}
+    back = flatten(lora.unmerge(merged, trained, cfg.lora.alpha))
+    assert sorted(back) == sorted(base)
+    for k, v in base.items():
+        np.testing.assert_allclose(np.asarray(back[k]), np.asarray(v), atol=1e-6, err_msg=k)
+
+
+def test_rank_override_that_matches_nothing_raises(tiny_config):
+    from sftjax.errors import UserError
+    from sftjax.setup import build
+
+    tiny_config.lora.rank_overrides = ((r"mlp/", 4),)  # targets are q and v only
+    with pytest.raises(UserError, match="lora.rank_overrides: pattern 'mlp/' matches no parameter"):
+        build(tiny_config)
+    tiny_config.lora.rank_overrides = ((r"q_proj", 0),)
+    from sftjax.config import validate
+
+    with pytest.raises(UserError, match="lora.rank_overrides: each entry"):
+        validate(tiny_config)
+
+
+def test_dora_step0_identity_merge_and_gradients(tiny_config):
+    from sftjax.setup import build
+
+    cfg = tiny_config
+    cfg.lora.dora = True
+    cfg.lora.targets = ("attention",)
+    setup = build(cfg)
+    flat = flatten(setup.trainable)
+    assert flat["layers/self_attn/o_proj/lora_magnitude"].shape == (2, 64)
+    ids = np.random.default_rng(0).integers(0, 1000, (2, 12)).astype(np.int32)
+    base = _apply(setup.model, setup.frozen, ids)
+    step0 = _apply(setup.model, setup.full_params(), ids)
+    err0 = np.abs(step0 - base).max()
+    print(f"DoRA step-0 max |logit diff| vs base: {err0:.3g}")
+    assert err0 <= 1e-6, err0
+
+    # Trained adapters: the in-graph DoRA equals the merged m * V / ||V||_c kernels.
+    rng = np.random.default_rng(1)
+    trained = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(np.float32), setup.trainable)
+    adapted = _apply(setup.model, setup.full_params(trained), ids)
+    merged = _apply(setup.model, setup.merged_params(trained), ids)
+    assert np.abs(adapted - base).max() > 1e-3
+    np.testing.assert_allclose(adapted, merged, atol=5e-5)
+    with pytest.raises(Exception, match="cannot be unmerged"):
+        lora.unmerge(setup.merged_params(trained), trained, cfg.lora.alpha)
+
+    # The magnitude receives a gradient; the column norm is a constant (stop_gradient), as in PEFT.
+    def loss(tr):
+        return setup.model.apply({"params": setup.full_params(tr)}, ids).sum()
+
+    g = flatten(jax.grad(loss)(trained))
+    assert np.abs(np.asarray(g["layers/self_attn/q_proj/lora_magnitude"])).max() > 0

@@ -6,7 +6,6 @@ import optax
 import pytest
 
 from sftjax.data import pipeline
-from sftjax.data.records import read_jsonl
 from sftjax.errors import UserError
 from sftjax.params import flatten
 from sftjax.setup import build
@@ -23,7 +22,7 @@ def _steps(cfg, n=2, sgd=False):
     if sgd:
         tx = optax.sgd(1.0)
         state = state.replace(opt_state=tx.init(state.trainable))
-    ex = pipeline.tokenize(read_jsonl(cfg.data.train), setup.tokenizer, cfg.data, "t")
+    ex = pipeline.file_examples(cfg, setup.tokenizer)
     order = pipeline.batch_order(len(ex), cfg.train.batch_size, 0)
     fn = make_train_step(setup.model, tx, sched, cfg.train.grad_accum, False, 0,
                          jax.tree.map(lambda x: x.sharding, state))

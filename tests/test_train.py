@@ -81,7 +81,6 @@ def test_resume_after_crash_equals_uninterrupted(tiny_config, tmp_path, monkeypa
 
 def test_lora_frozen_untouched_and_opt_state_only_for_trainable(tiny_config):
     from sftjax.data import pipeline
-    from sftjax.data.records import read_jsonl
     from sftjax.sharding import place_batch
     from sftjax.step import make_train_step
 
@@ -95,7 +94,7 @@ def test_lora_frozen_untouched_and_opt_state_only_for_trainable(tiny_config):
     assert sum(x.size for x in opt_leaves) == 2 * n_train
     assert all(k.endswith(("lora_a", "lora_b")) for k in flatten(setup.trainable))
 
-    ex = pipeline.tokenize(read_jsonl(cfg.data.train), setup.tokenizer, cfg.data, "t")
+    ex = pipeline.file_examples(cfg, setup.tokenizer)
     order = pipeline.batch_order(len(ex), cfg.train.batch_size, 0)
     step = make_train_step(setup.model, tx, sched, 1, False, 0)
     for i in range(3):
@@ -108,6 +107,7 @@ def test_lora_frozen_untouched_and_opt_state_only_for_trainable(tiny_config):
 def test_partial_freezing_by_regex(tiny_config):
     cfg = tiny_config
     cfg.lora.enabled = False
+    cfg.train.freeze = "regex"
     cfg.train.trainable = (r"mlp/", r"^norm/")
     setup = build(cfg)
     assert sorted(flatten(setup.trainable)) == ["layers/mlp/down_proj/kernel", "layers/mlp/gate_proj/kernel",

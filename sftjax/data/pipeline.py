@@ -84,6 +84,13 @@ def tokenize(records: list[Record], tokenizer, dcfg, name: str) -> Examples:
     return padded(store, dcfg.max_length + 1, tokenizer.pad_token_id)
 
 
+def file_examples(cfg, tokenizer) -> Examples:
+    """data.train (a file, no filters or split) as fixed-shape Examples: for tests and tools that
+    drive the step directly."""
+    d = cfg.data
+    return tokenize(list(read_records(d.train, d.format, tuple(d.labels), d.instruction)), tokenizer, d, d.train)
+
+
 def batch_order(n_examples: int, batch_size: int, seed: int) -> grain.MapDataset:
     """Row indices of batch `i` at `[i]`: seeded reshuffle every epoch, endless (tests, tools)."""
     if n_examples < batch_size:

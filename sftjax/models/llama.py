@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sftjax import quant
 from sftjax.errors import UserError
 
 _NEG_INF = -1e30
@@ -54,12 +55,22 @@ class LlamaConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
-    """How the model computes, as opposed to what it is: dtype, remat, LoRA scale and dropout."""
+    """How the model computes, as opposed to what it is: dtype, remat, layer stacking, LoRA.
+
+    `scan_layers=False` unrolls the decoder into `layers_0 .. layers_{L-1}` subtrees (same math,
+    longer compile): then per-layer rules such as "train only the last N layers" are plain path
+    regexes. `neftune_alpha` > 0 adds NEFTune noise to the token embeddings when not
+    deterministic (training; it needs a "dropout" rng). The LoRA scale is alpha / r (or alpha / sqrt(r) with rsLoRA) with r read off each
+    adapter's shape, so per-target ranks need no extra plumbing.
+    """
 
     dtype: str = "float32"
     remat: bool = False
-    lora_scale: float = 1.0
+    scan_layers: bool = True
+    lora_alpha: float = 1.0
+    lora_rslora: bool = False
     lora_dropout: float = 0.0
+    neftune_alpha: float = 0.0  # NEFTune: uniform noise on the input embeddings in training only
 
 
 def _dot(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
@@ -69,7 +80,13 @@ def _dot(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
 
 
 class Linear(nn.Module):
-    """Dense layer with HF-transposed kernel [in, out] and an optional LoRA update from the tree."""
+    """Dense layer with HF-transposed kernel [in, out] and an optional LoRA / DoRA update from the tree.
+
+    DoRA (a `lora_magnitude` [out] leaf beside the adapters) rescales each output column of the
+    adapted weight W + s*A@B to the learned magnitude m; the column norm is a constant in the
+    backward pass, as in the DoRA paper (section 4.3) and PEFT. With `kernel_nf4` / `kernel_int8`
+    and `kernel_absmax` in place of `kernel` (see `sftjax.quant`) the kernel is dequantised here.
+    """
 
     features: int
     axes: tuple[str, str]
@@ -80,19 +97,42 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = jnp.dtype(self.rt.dtype)
-        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes)
-        kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.float32)
-        y = _dot(x, kernel, dtype)
-        if self.use_bias:
-            binit = nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:])
-            y = y + self.param("bias", binit, (self.features,), jnp.float32).astype(dtype)
+        quantized = [k for k in quant.KINDS if self.has_variable("params", f"kernel_{k}")]
+        if quantized:  # QLoRA: a frozen blockwise-quantised kernel, dequantised right here
+            kind = quantized[0]
+            codes, absmax = self.get_variable("params", f"kernel_{kind}"), self.get_variable("params", "kernel_absmax")
+            kernel = quant.dequantize(codes, absmax, kind)
+            # Rematerialised: the backward pass dequantises again instead of keeping every layer's
+            # full-precision kernel alive from the forward pass (which would undo the saving).
+            qdot = jax.checkpoint(lambda c, s, inp: _dot(inp, quant.dequantize(c, s, kind), dtype))
+            matmul = lambda inp: qdot(codes, absmax, inp)  # noqa: E731
+        else:
+            init = nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes)
+            kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.float32)
+            matmul = lambda inp: _dot(inp, kernel, dtype)  # noqa: E731
+        y = matmul(x)
         if self.has_variable("params", "lora_a"):
             h = x
             if self.rt.lora_dropout > 0 and not self.deterministic:
                 h = nn.Dropout(self.rt.lora_dropout)(h, deterministic=False)
             a = self.get_variable("params", "lora_a")
             b = self.get_variable("params", "lora_b")
-            y = y + _dot(_dot(h, a, dtype), b, dtype) * self.rt.lora_scale
+            rank = a.shape[-1]
+            s = self.rt.lora_alpha / (math.sqrt(rank) if self.rt.lora_rslora else rank)
+            delta = _dot(_dot(h, a, dtype), b, dtype) * s
+            if self.has_variable("params", "lora_magnitude"):
+                m = self.get_variable("params", "lora_magnitude")
+                w = kernel.astype(jnp.float32) + s * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+                norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(w * w, axis=0)))
+                ratio = (m / norm).astype(dtype)
+                # PEFT's form (bias left out of the rescaling); with dropout the base term sees it too.
+                base = y if h is x else matmul(h)
+                y = y + (ratio - 1) * base + ratio * delta
+            else:
+                y = y + delta
+        if self.use_bias:
+            binit = nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:])
+            y = y + self.param("bias", binit, (self.features,), jnp.float32).astype(dtype)
         return y
 
 
@@ -167,7 +207,17 @@ class Attention(nn.Module):
             at = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)
-            cache = {"k": k, "v": v}
+            cache = {**cache, "k": k, "v": v}
+        pk = pv = None
+        if self.has_variable("params", "prefix_k"):  # prefix tuning: learned keys/values every query sees
+            pk, pv = self.get_variable("params", "prefix_k"), self.get_variable("params", "prefix_v")
+            pk, pv = jnp.broadcast_to(pk, (b, *pk.shape)), jnp.broadcast_to(pv, (b, *pv.shape))
+        elif cache is not None and "prompt_k" in cache:  # prompt tuning while decoding: the virtual tokens' k/v
+            pk, pv = cache["prompt_k"], cache["prompt_v"]
+        if pk is not None:
+            k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
+            mask = jnp.concatenate([jnp.ones((*mask.shape[:2], pk.shape[1]), bool), mask], axis=-1)
         q = q.reshape(b, t, nkv, nh // nkv, hd)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(hd)
@@ -257,24 +307,72 @@ class Llama(nn.Module):
         einit = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=einit, name="embed_tokens")
         x = embed(input_ids).astype(rt.dtype)
+        if rt.neftune_alpha > 0 and not deterministic:
+            x = x + neftune_noise(self.make_rng("dropout"), x.shape, rt.neftune_alpha).astype(rt.dtype)
+        if self.has_variable("params", "embed_delta"):  # an adversarial perturbation (FGM, see sftjax.adversarial)
+            x = x + self.get_variable("params", "embed_delta").astype(rt.dtype)
         block = nn.remat(Block, static_argnums=()) if rt.remat else Block
-        stack = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
-            length=cfg.num_hidden_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        x, cache = stack(cfg, rt, deterministic, name="layers")(x, positions, mask, cache, cache_index)
+        if rt.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=cfg.num_hidden_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            run_layers = stack(cfg, rt, deterministic, name="layers")
+        else:
+            blocks = [block(cfg, rt, deterministic, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
+
+            def run_layers(x, positions, mask, cache, cache_index):
+                caches = []
+                for i, blk in enumerate(blocks):
+                    layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
+                    x, layer_cache = blk(x, positions, mask, layer_cache, cache_index)
+                    caches.append(layer_cache)
+                # The cache stays stacked over layers, as `init_cache` makes it.
+                return x, None if cache is None else jax.tree.map(lambda *cs: jnp.stack(cs), *caches)
+
+        n_prompt = 0
+        if self.has_variable("params", "prompt_embedding"):  # prompt tuning: learned virtual tokens in front
+            prompt = self.get_variable("params", "prompt_embedding")
+            n_prompt = prompt.shape[0]
+            virtual = jnp.broadcast_to(prompt, (b, *prompt.shape)).astype(rt.dtype)
+            prompt_pos = jnp.broadcast_to(jnp.arange(n_prompt), (b, n_prompt))
+            causal = jnp.broadcast_to(jnp.tril(jnp.ones((n_prompt, n_prompt), bool)), (b, n_prompt, n_prompt))
+            positions = positions + n_prompt
+            if cache is None:
+                x = jnp.concatenate([virtual, x], axis=1)
+                positions = jnp.concatenate([prompt_pos, positions], 1)
+                top = jnp.concatenate([causal, jnp.zeros((b, n_prompt, t), bool)], axis=2)
+                bottom = jnp.concatenate([jnp.ones((b, t, n_prompt), bool), mask], axis=2)
+                mask = jnp.concatenate([top, bottom], axis=1)
+                head_positions = None if head_positions is None else head_positions + n_prompt
+            elif "prompt_k" not in cache:
+                # Decoding: the virtual tokens see only each other, so their keys/values are computed
+                # once (on the first call) and kept in the cache, where attention reads them as a prefix.
+                kv = jnp.zeros((cfg.num_hidden_layers, b, n_prompt, *cache["k"].shape[3:]), cache["k"].dtype)
+                _, filled = run_layers(virtual, prompt_pos, causal, {"k": kv, "v": kv}, 0)
+                cache = {**cache, "prompt_k": filled["k"], "prompt_v": filled["v"]}
+        x, cache = run_layers(x, positions, mask, cache, cache_index)
+        n_drop = n_prompt if cache is None else 0  # with a cache the virtual tokens were never part of x
         if head_positions is not None:
             x = jnp.take_along_axis(x, head_positions[..., None], axis=1)
+        elif n_drop:
+            x = x[:, n_drop:]  # logits for the real tokens only
         x = RMSNorm(cfg.rms_norm_eps, rt, name="norm")(x)
         if cfg.tie_word_embeddings:
             logits = _dot(x, embed.embedding.T, rt.dtype).astype(jnp.float32)
         else:
             logits = Linear(cfg.vocab_size, ("embed", "vocab"), False, rt, name="lm_head")(x).astype(jnp.float32)
         return logits if cache is None else (logits, cache)
+
+
+def neftune_noise(rng: jax.Array, shape: tuple[int, ...], alpha: float) -> jax.Array:
+    """NEFTune (Jain et al. 2023): U(-1, 1) * alpha / sqrt(L * d) for [B, L, d] embeddings, with L
+    the (padded) row length, as in the reference and HF implementations."""
+    return jax.random.uniform(rng, shape, jnp.float32, -1.0, 1.0) * (alpha / math.sqrt(shape[-2] * shape[-1]))
 
 
 def init_cache(cfg: LlamaConfig, batch: int, slots: int, dtype=jnp.float32) -> dict:
