@@ -153,7 +153,8 @@ def _dispatch(args, overrides: list[str]) -> int:
 
             if not cfg.lora.enabled:
                 raise UserError("--format=peft: this run trained without LoRA (lora.enabled=False); use --format=merged")
-            write_adapter(args.out, cfg.lora, trainable, setup.model_cfg.num_hidden_layers, cfg.model.path)
+            write_adapter(args.out, cfg.lora, trainable, setup.model_cfg.num_hidden_layers, cfg.model.path,
+                          dtype=args.dtype)
             print(f"wrote {args.out}")
             return 0
         if cfg.prompt_tuning.method != "none":

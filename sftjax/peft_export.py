@@ -86,13 +86,17 @@ def adapter_config(lora_cfg, adapters: Mapping, num_layers: int, base_model: str
     }
 
 
-def write_adapter(folder: str, lora_cfg, adapters: Mapping, num_layers: int, base_model: str) -> None:
+def write_adapter(folder: str, lora_cfg, adapters: Mapping, num_layers: int, base_model: str,
+                  dtype: str = "float32") -> None:
     """Write a PEFT adapter folder that `peft.PeftModel.from_pretrained(model, folder)` loads."""
+    import ml_dtypes
     from safetensors.numpy import save_file
 
+    sd = adapter_state_dict(adapters, num_layers)
+    if dtype == "bfloat16":
+        sd = {k: v.astype(ml_dtypes.bfloat16) for k, v in sd.items()}
     os.makedirs(folder, exist_ok=True)
-    save_file(adapter_state_dict(adapters, num_layers), os.path.join(folder, "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(sd, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
         json.dump(adapter_config(lora_cfg, adapters, num_layers, base_model), f, indent=2)
 

@@ -112,6 +112,14 @@ def test_cli_export_peft_and_bf16_merged(tiny_config, tmp_path):
     err = float(np.abs(_peft_logits(tiny_config.model.path, pdir) - ours).max())
     print(f"peft parity after training (DoRA, CLI): max |logit diff| = {err:.3g}")
     assert err <= 1e-3
+    bdir = str(tmp_path / "peft-bf16")
+    assert main(["export", f"--workdir={wd}", f"--out={bdir}", "--format=peft", "--dtype=bfloat16"]) == 0
+    from safetensors.numpy import load_file
+
+    assert all(str(v.dtype) == "bfloat16" for v in load_file(os.path.join(bdir, "adapter_model.safetensors")).values())
+    err16 = float(np.abs(_peft_logits(tiny_config.model.path, bdir) - ours).max())
+    print(f"peft parity, bf16 adapter: max |logit diff| = {err16:.3g}")
+    assert err16 <= 5e-2
 
     mdir = str(tmp_path / "merged-bf16")
     assert main(["export", f"--workdir={wd}", f"--out={mdir}", "--dtype=bfloat16"]) == 0
