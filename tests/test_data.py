@@ -86,3 +86,29 @@ def test_batches_shift_targets_and_gather_target_slots(smol_tokenizer):
     # The input at each gathered position is the token right before its label.
     pos = b["head_positions"][0][b["weights"][0] > 0]
     assert np.array_equal(b["input_ids"][0][pos], row_ids[np.flatnonzero(row_mask[1:])])
+
+
+@pytest.mark.parametrize("template", ["model", "chatml", "llama-3", "alpaca"])
+def test_fast_spans_equal_the_definition_on_long_chats(smol_tokenizer, template):
+    """The one-render route for long chats gives exactly the spans of the two-renders-per-reply
+    definition, on real multi-turn conversations and awkward synthetic ones."""
+    import copy
+
+    from sftjax.data.chat import assistant_spans, exact_span, fast_spans
+    from sftjax.data.recipes import chitchat
+    from sftjax.data.templates import resolve
+
+    tok = copy.deepcopy(smol_tokenizer)
+    resolve(tok, template)
+    convs = [r for r in chitchat()[0][:40] if len(r.messages) > 6]
+    odd = ({"role": "system", "content": "  Be brief.  "},) + tuple(
+        {"role": ("user", "assistant")[i % 2], "content": c}
+        for i, c in enumerate(["hi", " spaced reply ", "a\n\nb", "Line\n", "<|im_end|> literal", "ok", "x", "y"]))
+    convs.append(Record("odd:1", odd))
+    fast_used = 0
+    for rec in convs:
+        text, spans = assistant_spans(tok, rec)
+        exact = [exact_span(tok, rec, i, text) for i, m in enumerate(rec.messages) if m["role"] == "assistant"]
+        assert spans == exact, rec.where
+        fast_used += fast_spans(tok, rec.messages, text) == exact
+    assert fast_used >= len(convs) - 1  # the fast route applies to (nearly) all of them
