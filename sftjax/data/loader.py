@@ -29,9 +29,8 @@ PACK_BINS = 256  # rows filled at once by best-fit packing; more bins, less padd
 
 def bucket_edges(lengths: np.ndarray, n_buckets: int, max_len: int) -> list[int]:
     """Up to `n_buckets` padded lengths (multiples of 8) at quantiles of the input lengths."""
-    qs = np.quantile(lengths, np.arange(1, n_buckets + 1) / n_buckets)
-    edges = sorted({min(max_len, int(math.ceil(q / 8) * 8)) for q in qs} | {min(max_len, int(math.ceil(lengths.max() / 8) * 8))})
-    return edges
+    qs = np.quantile(lengths, np.arange(1, n_buckets + 1) / n_buckets)  # the last one is the longest
+    return sorted({min(max_len, math.ceil(q / 8) * 8) for q in qs})
 
 
 def _features(store: TokenStore, source: int, pad_to: int | None, pad_id: int):
