@@ -122,10 +122,11 @@ def read(src: str, dcfg) -> tuple[Iterable[Record], list[Record] | None]:
     return read_records(src, dcfg.format, tuple(dcfg.labels), dcfg.instruction), None
 
 
-def held_out(where: str, fraction: float, seed: int) -> bool:
-    """Whether a record is in the held-out `fraction`: a hash of (seed, where it came from), so
-    the split is decided record by record while streaming and is the same on every run."""
-    h = hashlib.blake2b(f"{seed}:{where}".encode(), digest_size=8).digest()
+def held_out(record: Record, fraction: float, seed: int) -> bool:
+    """Whether a record is in the held-out `fraction`: a hash of (seed, its normalised content),
+    so the split is decided record by record while streaming, is the same on every run and
+    machine wherever the file lives, and copies of a record always land on the same side."""
+    h = hashlib.blake2b(f"{seed}:{filters.normalise(record)}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "big") / 2**64 < fraction
 
 
@@ -157,7 +158,7 @@ def load(cfg, tokenizer) -> Prepared:
             n_read += 1
             if filt.reason(rec) is not None:
                 continue
-            if held is None and not d.eval and held_out(rec.where, d.eval_fraction, d.seed):
+            if held is None and not d.eval and held_out(rec, d.eval_fraction, d.seed):
                 n_held += 1
                 if len(mine) < d.max_eval_examples:
                     mine.append(rec)
