@@ -255,6 +255,8 @@ def test_load_errors_and_eval_split(tmp_path, smol_tokenizer):
     cfg.data.mixture = ((cfg.data.train, 1.0),)
     with pytest.raises(UserError, match="either data.train or data.mixture"):
         load(cfg, smol_tokenizer)
-    cfg.data.train, cfg.data.mixture = "", ((cfg.data.mixture[0][0], 0),)
-    with pytest.raises(UserError, match=r"data.mixture\[0\]"):
-        load(cfg, smol_tokenizer)
+    for bad in (((cfg.data.train, 0),), ((cfg.data.train, "lots"),), (cfg.data.train,)):
+        cfg.data.mixture = bad
+        cfg.data.train = ""
+        with pytest.raises(UserError, match=r"data.mixture\[0\]"):
+            load(cfg, smol_tokenizer)

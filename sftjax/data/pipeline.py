@@ -106,7 +106,9 @@ def sources(cfg) -> list[tuple[str, float]]:
             raise UserError("data.train: set either data.train or data.mixture, not both")
         out = []
         for i, item in enumerate(d.mixture):
-            if len(item) != 2 or not isinstance(item[0], str) or not float(item[1]) > 0:
+            ok = isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str) \
+                and isinstance(item[1], (int, float)) and item[1] > 0
+            if not ok:
                 raise UserError(f"data.mixture[{i}]: expected (source, positive weight), got {item!r}")
             out.append((item[0], float(item[1])))
         return out
