@@ -3,7 +3,7 @@
 Run:
     sftjax train --config=configs/quickstart.py --workdir=runs/quickstart
 
-The data is the `trec` recipe (sftjax/data/recipes.py): 5,081 training questions (5,062 fit in
+The data is the `trec` recipe (sftjax/data/recipes.py): 5,081 training questions (5,061 fit in
 64 tokens), 300 held out of which the first 256 are evaluated, each answered with its answer type
 in one word. Evaluation before and after training reports
 held-out loss and exact match (the greedy reply equals the label).
