@@ -153,9 +153,6 @@ def run(cfg, workdir: str) -> dict:
     results_path = os.path.join(workdir, "results.json")
     results = _read_json(results_path) or {}
     start = ckpt.latest_step() or 0
-    if start:
-        state = ckpt.restore(start, state, loader)
-        log.info("resumed from %s at step %d", ckpt.dir, start)
     uses_rng = (cfg.lora.enabled and cfg.lora.dropout > 0) or cfg.train.neftune_alpha > 0
     step_fn = make_train_step(setup.model, tx, sched, cfg.train.grad_accum, uses_rng, cfg.train.seed,
                               jax.tree.map(lambda x: x.sharding, state), n_src, fgm_epsilon=cfg.train.fgm_epsilon)
@@ -164,7 +161,10 @@ def run(cfg, workdir: str) -> dict:
         lambda trainable: evaluate(setup, eval_step, data.eval, trainable, micro, data.names))
     writer = Writer(workdir)
     try:
-        if start == 0:
+        if start:
+            state = ckpt.restore(start, state, loader)
+            log.info("resumed from %s at step %d", ckpt.dir, start)
+        else:
             results = {"before": {}, "data": data.report}
             _log_examples(writer, tok, data)
             if run_eval is not None:

@@ -260,3 +260,12 @@ def test_load_errors_and_eval_split(tmp_path, smol_tokenizer):
         cfg.data.train = ""
         with pytest.raises(UserError, match=r"data.mixture\[0\]"):
             load(cfg, smol_tokenizer)
+
+
+def test_resuming_with_a_differently_shaped_pipeline_is_a_clean_error():
+    stores = [_store(100, 5, 30, 0)]
+    packed = make_loader(stores, [1.0], _dcfg(packing=True), 8, 0, None, prefetch=0)
+    next(packed)
+    bucketed = make_loader(stores, [1.0], _dcfg(packing=False), 8, 0, None, prefetch=0)
+    with pytest.raises(UserError, match="data position does not fit the current data config"):
+        bucketed.set_state(packed.get_state())

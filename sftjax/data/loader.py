@@ -161,8 +161,13 @@ class ShardedLoader:
             raise UserError(f"data.num_shards: the checkpoint's data iterators are for shards {saved['shards']} but "
                             f"this process now owns shards {self.shards}; resume with the same data.num_shards "
                             "and number of processes")
-        for it, st in zip(self.iterators, saved["iterators"], strict=True):
-            it.set_state(st)
+        try:
+            for it, st in zip(self.iterators, saved["iterators"], strict=True):
+                it.set_state(st)
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            raise UserError(f"data: the checkpoint's data position does not fit the current data config ({e!r}); "
+                            "data.* settings that shape batches (sources, packing, buckets, max_length, batch "
+                            "size) must stay as they were when resuming, or start a new workdir") from None
 
     def start_prefetch(self) -> None:
         """Called by grain's checkpoint handler after a restore; prefetch restarts by itself."""
