@@ -33,17 +33,23 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_gguf(path: str):
-    """Returns (LlamaConfig, HF-named float32 state dict, transformers tokenizer)."""
+def open_gguf(path: str):
+    """A `gguf.GGUFReader` over `path` (memory-mapped), or a clean error for a missing/damaged file."""
     from gguf import GGUFReader
-    from gguf.quants import dequantize
 
     if not os.path.isfile(path):
         raise UserError(f"{path}: GGUF file not found")
     try:
-        reader = GGUFReader(path)
+        return GGUFReader(path)
     except Exception as e:  # the reader raises bare ValueErrors on a damaged file
         raise UserError(f"{path}: not a readable GGUF file ({e})") from None
+
+
+def read_gguf(path: str):
+    """Returns (LlamaConfig, HF-named float32 state dict); the tokenizer: `tokenizer_from_gguf`."""
+    from gguf.quants import dequantize
+
+    reader = open_gguf(path)
     arch = _field(reader, "general.architecture")
     a = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
     n_head, n_kv = a("attention.head_count"), a("attention.head_count_kv") or a("attention.head_count")
@@ -86,7 +92,7 @@ def read_gguf(path: str):
             sd["model.norm.weight"] = w
         elif t.name == "output.weight":
             sd["lm_head.weight"] = w
-    return cfg, sd, tokenizer_from_gguf(reader, path)
+    return cfg, sd
 
 
 def tokenizer_from_gguf(reader, path: str):

@@ -41,8 +41,9 @@ class Setup:
         return freeze.stack(lora.merge(full, rt.lora_alpha, rt.lora_rslora))
 
 
-def build(cfg) -> Setup:
-    mcfg, base, tok = load_pretrained(cfg.model.path)
+def build(cfg, tokenizer=None) -> Setup:
+    """The model, mesh and parameter split for `cfg`; `tokenizer` if the caller already loaded it."""
+    mcfg, base, tok = load_pretrained(cfg.model.path, tokenizer)
     use_lora = cfg.lora.enabled
     if use_lora and cfg.train.freeze != "full":
         raise UserError(f"train.freeze={cfg.train.freeze}: chooses trainable base parameters without LoRA; "

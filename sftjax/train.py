@@ -131,8 +131,7 @@ def run(cfg, workdir: str) -> dict:
     C.validate(cfg)
     tok = load_tokenizer(cfg.model.path)
     data = pipeline.load(cfg, tok)  # bad data fails fast, before the model loads or any file is written
-    setup = build(cfg)
-    setup.tokenizer = tok  # the same tokenizer, with data.chat_template applied (samples use it too)
+    setup = build(cfg, tok)  # the tokenizer with data.chat_template applied: samples use it too
     for name, rep in data.report.items():
         log.info("data %s: %s", name, rep)
     convs = sample_conversations(cfg, data.eval_records)

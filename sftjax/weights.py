@@ -228,11 +228,9 @@ def load_tokenizer(path: str):
     if path == DEFAULT_MODEL:
         path = embedded_model_path()
     if path.endswith(".gguf"):
-        from gguf import GGUFReader
+        from sftjax.gguf_file import open_gguf, tokenizer_from_gguf
 
-        from sftjax.gguf_file import tokenizer_from_gguf
-
-        tok = tokenizer_from_gguf(GGUFReader(path), path)
+        tok = tokenizer_from_gguf(open_gguf(path), path)
     elif os.path.isdir(path):
         from transformers import AutoTokenizer
 
@@ -244,21 +242,18 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_pretrained(path: str):
-    """A HF folder or a .gguf file (or DEFAULT_MODEL) -> (LlamaConfig, numpy params, tokenizer)."""
+def load_pretrained(path: str, tokenizer=None):
+    """A HF folder or a .gguf file (or DEFAULT_MODEL) -> (LlamaConfig, numpy params, tokenizer).
+
+    Pass `tokenizer` when it is already loaded (see `load_tokenizer`) to skip building it again."""
     if path == DEFAULT_MODEL:
         path = embedded_model_path()
     if path.endswith(".gguf"):
         from sftjax.gguf_file import read_gguf
 
-        cfg, sd, tok = read_gguf(path)
+        cfg, sd = read_gguf(path)
     elif os.path.isdir(path):
-        from transformers import AutoTokenizer
-
         cfg, sd = read_hf_folder(path)
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     else:
         raise UserError(f"model.path: {path!r} is neither a HF model folder nor a .gguf file")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return cfg, hf_to_params(sd, cfg, path), tok
+    return cfg, hf_to_params(sd, cfg, path), tokenizer if tokenizer is not None else load_tokenizer(path)
