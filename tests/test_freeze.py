@@ -50,11 +50,10 @@ def _two_steps(cfg):
     n_train = sum(x.size for x in jax.tree.leaves(setup.trainable))
     opt_leaves = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
     assert sum(x.size for x in opt_leaves) == 2 * n_train  # Adam's mu and nu for trainable leaves only
-    ex = pipeline.file_examples(cfg, setup.tokenizer)
-    order = pipeline.batch_order(len(ex), cfg.train.batch_size, 0)
+    batches = pipeline.file_batches(cfg, setup.tokenizer)
     step = make_train_step(setup.model, tx, sched, 1, False, 0)
-    for i in range(2):
-        state, _ = step(state, setup.frozen, place_batch(ex.batch(order[i]), setup.mesh))
+    for _ in range(2):
+        state, _ = step(state, setup.frozen, place_batch(next(batches), setup.mesh))
     for k, v in flatten(setup.frozen).items():
         assert np.array_equal(np.asarray(v), frozen_before[k]), k
     after = flatten(state.trainable)

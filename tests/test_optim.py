@@ -59,8 +59,7 @@ def test_optimizers_train_the_tiny_model(tiny_config):
 
     cfg = tiny_config
     setup = build(cfg)
-    ex = pipeline.file_examples(cfg, setup.tokenizer)
-    batch = place_batch(ex.batch(pipeline.batch_order(len(ex), cfg.train.batch_size, 0)[0]), setup.mesh)
+    batch = place_batch(next(pipeline.file_batches(cfg, setup.tokenizer)), setup.mesh)
     init = setup.trainable
     for name, lr in (("adamw", 1e-2), ("adafactor", 1e-2), ("lion", 1e-3)):
         cfg.optim.name, cfg.optim.lr = name, lr

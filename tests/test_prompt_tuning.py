@@ -18,9 +18,7 @@ def _train(cfg, steps=4):
     frozen_before = {k: np.array(v) for k, v in flatten(setup.frozen).items()}
     train_before = {k: np.array(v) for k, v in flatten(setup.trainable).items()}
     state, tx, sched = initial_state(setup, cfg)
-    ex = pipeline.file_examples(cfg, setup.tokenizer)
-    order = pipeline.batch_order(len(ex), cfg.train.batch_size, 0)
-    batch = place_batch(ex.batch(order[0]), setup.mesh)
+    batch = place_batch(next(pipeline.file_batches(cfg, setup.tokenizer)), setup.mesh)
     step = make_train_step(setup.model, tx, sched, 1, False, 0)
     losses = []
     for _ in range(steps):  # the same batch: a trainable prompt must lower its loss

@@ -58,8 +58,7 @@ def test_qlora_step_trains_only_adapters(tiny_config, kind):
     before_frozen = {k: np.array(v) for k, v in frozen.items()}
     before_train = {k: np.array(v) for k, v in flatten(setup.trainable).items()}
     state, tx, sched = initial_state(setup, cfg)
-    ex = pipeline.file_examples(cfg, setup.tokenizer)
-    batch = place_batch(ex.batch(pipeline.batch_order(len(ex), cfg.train.batch_size, 0)[0]), setup.mesh)
+    batch = place_batch(next(pipeline.file_batches(cfg, setup.tokenizer)), setup.mesh)
     step = make_train_step(setup.model, tx, sched, 1, False, 0)
     losses = []
     for _ in range(3):

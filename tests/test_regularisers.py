@@ -18,8 +18,7 @@ def _setup_and_batch(cfg):
     from sftjax.sharding import place_batch
 
     setup = build(cfg)
-    ex = pipeline.file_examples(cfg, setup.tokenizer)
-    batch = place_batch(ex.batch(pipeline.batch_order(len(ex), cfg.train.batch_size, 0)[0]), setup.mesh)
+    batch = place_batch(next(pipeline.file_batches(cfg, setup.tokenizer)), setup.mesh)
     return setup, batch
 
 

@@ -22,13 +22,12 @@ def _steps(cfg, n=2, sgd=False):
     if sgd:
         tx = optax.sgd(1.0)
         state = state.replace(opt_state=tx.init(state.trainable))
-    ex = pipeline.file_examples(cfg, setup.tokenizer)
-    order = pipeline.batch_order(len(ex), cfg.train.batch_size, 0)
+    batches = pipeline.file_batches(cfg, setup.tokenizer)
     fn = make_train_step(setup.model, tx, sched, cfg.train.grad_accum, False, 0,
                          jax.tree.map(lambda x: x.sharding, state))
     losses = []
-    for i in range(n):
-        state, m = fn(state, setup.frozen, place_batch(ex.batch(order[i]), setup.mesh))
+    for _ in range(n):
+        state, m = fn(state, setup.frozen, place_batch(next(batches), setup.mesh))
         losses.append(float(m["loss"]))
     assert fn._cache_size() == 1  # compiled once for all steps
     return {k: np.asarray(v) for k, v in flatten(state.trainable).items()}, losses

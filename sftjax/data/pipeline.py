@@ -11,8 +11,9 @@ stage removed. Only token ids and masks are kept, so a large file never sits in 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import grain
@@ -84,18 +85,17 @@ def tokenize(records: list[Record], tokenizer, dcfg, name: str) -> Examples:
     return padded(store, dcfg.max_length + 1, tokenizer.pad_token_id)
 
 
-def file_examples(cfg, tokenizer) -> Examples:
-    """data.train (a file, no filters or split) as fixed-shape Examples: for tests and tools that
-    drive the step directly."""
+def file_batches(cfg, tokenizer) -> Iterator[dict[str, np.ndarray]]:
+    """Host batches of train.batch_size rows of data.train (a file; no filters or split) at one
+    padded shape, in a seeded order reshuffled every epoch: for tests and tools that drive the
+    step directly rather than through the loader."""
     d = cfg.data
-    return tokenize(list(read_records(d.train, d.format, tuple(d.labels), d.instruction)), tokenizer, d, d.train)
-
-
-def batch_order(n_examples: int, batch_size: int, seed: int) -> grain.MapDataset:
-    """Row indices of batch `i` at `[i]`: seeded reshuffle every epoch, endless (tests, tools)."""
-    if n_examples < batch_size:
-        raise UserError(f"train.batch_size: {batch_size} is larger than the {n_examples} training examples")
-    return grain.MapDataset.range(n_examples).shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
+    ex = tokenize(list(read_records(d.train, d.format, tuple(d.labels), d.instruction)), tokenizer, d, d.train)
+    if len(ex) < cfg.train.batch_size:
+        raise UserError(f"train.batch_size: {cfg.train.batch_size} is larger than the {len(ex)} examples of {d.train}")
+    order = grain.MapDataset.range(len(ex)).shuffle(seed=d.seed).repeat(None).batch(cfg.train.batch_size,
+                                                                                    drop_remainder=True)
+    return (ex.batch(order[i]) for i in itertools.count())
 
 
 def sources(cfg) -> list[tuple[str, float]]:
