@@ -34,7 +34,7 @@ def main() -> None:
     from sftjax.config import base_config
     from sftjax.data import pipeline
     from sftjax.data.loader import make_loader
-    from sftjax.weights import load_tokenizer
+    from sftjax.io.hf import load_tokenizer
 
     cfg = base_config()
     cfg.data.train, cfg.data.max_length, cfg.data.eval_fraction = a.source, a.max_length, 0.0
@@ -69,10 +69,10 @@ def main() -> None:
     if a.step_steps:
         import jax
 
-        from sftjax.setup import build
-        from sftjax.sharding import place_batch
-        from sftjax.step import make_train_step
-        from sftjax.train import initial_state
+        from sftjax.build import build
+        from sftjax.parallel.mesh import place_batch
+        from sftjax.train.step import make_train_step
+        from sftjax.train.loop import initial_state
 
         cfg.mesh.data = 1
         cfg.data.packing = True

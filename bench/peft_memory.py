@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sftjax import quant
+from sftjax.peft import quant
 from sftjax.config import base_config
-from sftjax.optim import make_optimizer
+from sftjax.train.optim import make_optimizer
 from sftjax.params import count, flatten
-from sftjax.setup import build
+from sftjax.build import build
 
 MB = 1024**2
 
@@ -92,7 +92,7 @@ def main() -> None:
 def compiled(batch: int = 4, length: int = 256) -> None:
     """Arguments and scratch bytes of the compiled gradient (forward + backward, no optimizer) as
     XLA plans them, for full fine-tuning and all-linear LoRA r=8 over a float32/NF4/int8 base."""
-    from sftjax.step import token_stats
+    from sftjax.train.step import token_stats
 
     ids = {"input_ids": jnp.zeros((batch, length), jnp.int32), "valid": jnp.ones((batch, length), bool),
            "labels": jnp.zeros((batch, length), jnp.int32), "weights": jnp.ones((batch, length), jnp.float32)}

@@ -27,10 +27,10 @@ def run_jax(a) -> dict:
     import numpy as np
 
     from sftjax.config import base_config
-    from sftjax.setup import build
-    from sftjax.sharding import place_batch
-    from sftjax.step import make_train_step
-    from sftjax.train import initial_state
+    from sftjax.build import build
+    from sftjax.parallel.mesh import place_batch
+    from sftjax.train.step import make_train_step
+    from sftjax.train.loop import initial_state
 
     cfg = base_config()
     cfg.lora.targets = (a.targets,)
@@ -62,7 +62,7 @@ def run_torch(a) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from sftjax.weights import embedded_model_path
+    from sftjax.io.hf import embedded_model_path
 
     path = embedded_model_path()
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("absl", "jax._src", "orbax", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from sftjax.train import Interrupted
+    from sftjax.train.loop import Interrupted
 
     try:
         return _dispatch(args, overrides)
@@ -89,9 +89,9 @@ def _load_workdir(workdir: str):
         raise UserError(f"--workdir: {path} not found; run `sftjax train --workdir={workdir} ...` first")
     with open(path) as f:
         cfg = from_json(f.read())
-    from sftjax.checkpoint import Checkpointer
+    from sftjax.train.checkpoint import Checkpointer
     from sftjax.data.templates import resolve
-    from sftjax.setup import build
+    from sftjax.build import build
 
     setup = build(cfg)
     resolve(setup.tokenizer, cfg.data.chat_template)  # generate with the template training used
@@ -99,7 +99,7 @@ def _load_workdir(workdir: str):
     step = ckpt.latest_step()
     if step is None:
         raise UserError(f"--workdir: no checkpoint in {ckpt.dir}; train first")
-    from sftjax.train import initial_state
+    from sftjax.train.loop import initial_state
 
     state = ckpt.restore(step, initial_state(setup, cfg)[0])
     ckpt.close()
@@ -109,7 +109,7 @@ def _load_workdir(workdir: str):
 def _dispatch(args, overrides: list[str]) -> int:
     if args.cmd == "train":
         from sftjax.config import load_config
-        from sftjax.train import run
+        from sftjax.train.loop import run
 
         cfg = load_config(args.config, overrides)
         if args.distributed:
@@ -125,7 +125,7 @@ def _dispatch(args, overrides: list[str]) -> int:
     if overrides:
         raise UserError(f"{overrides[0]}: --config.* overrides apply to `train` and `data` only")
     if args.cmd == "convert":
-        from sftjax.weights import load_pretrained, write_hf_folder
+        from sftjax.io.hf import load_pretrained, write_hf_folder
 
         cfg, params, tok = load_pretrained(args.gguf)
         write_hf_folder(args.out, cfg, params, tok)
@@ -133,7 +133,7 @@ def _dispatch(args, overrides: list[str]) -> int:
         return 0
     cfg, setup, trainable = _load_workdir(args.workdir)
     if args.cmd == "generate":
-        from sftjax.generate import chat
+        from sftjax.infer.generate import chat
 
         params = setup.full_params(None if args.base else trainable)
         system = [{"role": "system", "content": args.system}] if args.system else []
@@ -146,10 +146,10 @@ def _dispatch(args, overrides: list[str]) -> int:
         import jax
         import numpy as np
 
-        from sftjax.weights import write_hf_folder
+        from sftjax.io.hf import write_hf_folder
 
         if args.format == "peft":
-            from sftjax.peft_export import write_adapter
+            from sftjax.peft.export import write_adapter
 
             if not cfg.lora.enabled:
                 raise UserError("--format=peft: this run trained without LoRA (lora.enabled=False); use --format=merged")

@@ -16,7 +16,7 @@ def test_export_merged_folder_loads_in_transformers(tiny_config, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sftjax.cli import main
-    from sftjax.train import run
+    from sftjax.train.loop import run
 
     wd, out = str(tmp_path / "run"), str(tmp_path / "hf")
     run(tiny_config, wd)
@@ -41,8 +41,8 @@ def test_export_merged_folder_loads_in_transformers(tiny_config, tmp_path):
 
 
 def test_export_bf16_and_sharded(tiny_config, tmp_path):
-    from sftjax.setup import build
-    from sftjax.weights import read_hf_folder, write_hf_folder
+    from sftjax.build import build
+    from sftjax.io.hf import read_hf_folder, write_hf_folder
 
     cfg = tiny_config
     cfg.lora.enabled = False
@@ -70,7 +70,7 @@ def test_convert_gguf_to_hf_folder(tmp_path):
     assert cfg["num_hidden_layers"] == 30 and cfg["tie_word_embeddings"] is True
     ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     from sftjax.models.llama import Llama
-    from sftjax.weights import load_pretrained
+    from sftjax.io.hf import load_pretrained
 
     mcfg, params, tok = load_pretrained(out)
     ids = np.asarray([tok("Hello, my name is")["input_ids"]], np.int32)

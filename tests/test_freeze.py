@@ -5,16 +5,16 @@ import jax
 import numpy as np
 import pytest
 
-from sftjax import freeze
+from sftjax.peft import freeze
 from sftjax.config import validate
 from sftjax.errors import UserError
 from sftjax.params import flatten
-from sftjax.setup import build
-from sftjax.train import initial_state
+from sftjax.build import build
+from sftjax.train.loop import initial_state
 
 
 def test_unrolled_layers_equal_scanned(tiny_config):
-    from sftjax.generate import greedy
+    from sftjax.infer.generate import greedy
 
     cfg = tiny_config
     cfg.lora.enabled = False
@@ -40,8 +40,8 @@ def test_unrolled_layers_equal_scanned(tiny_config):
 
 def _two_steps(cfg):
     from sftjax.data import pipeline
-    from sftjax.sharding import place_batch
-    from sftjax.step import make_train_step
+    from sftjax.parallel.mesh import place_batch
+    from sftjax.train.step import make_train_step
 
     setup = build(cfg)
     frozen_before = {k: np.array(v) for k, v in flatten(setup.frozen).items()}

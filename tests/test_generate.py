@@ -1,6 +1,6 @@
 import numpy as np
 
-from sftjax.generate import greedy
+from sftjax.infer.generate import greedy
 
 
 def _reference(model, params, prompt, n):
@@ -13,7 +13,7 @@ def _reference(model, params, prompt, n):
 
 
 def test_cached_batched_greedy_equals_full_recompute(tiny_config):
-    from sftjax.setup import build
+    from sftjax.build import build
 
     setup = build(tiny_config)
     params = setup.frozen
@@ -25,7 +25,7 @@ def test_cached_batched_greedy_equals_full_recompute(tiny_config):
 
 
 def test_stops_at_eos(tiny_config):
-    from sftjax.setup import build
+    from sftjax.build import build
 
     setup = build(tiny_config)
     prompt = np.asarray([5, 6, 7], np.int32)

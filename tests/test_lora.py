@@ -2,7 +2,7 @@ import jax
 import numpy as np
 import pytest
 
-from sftjax import lora
+from sftjax.peft import lora
 from sftjax.params import flatten
 
 
@@ -11,7 +11,7 @@ def _apply(model, params, ids):
 
 
 def test_step0_identity_and_merge(tiny_config):
-    from sftjax.setup import build
+    from sftjax.build import build
 
     setup = build(tiny_config)
     ids = np.random.default_rng(0).integers(0, 1000, (2, 12)).astype(np.int32)
@@ -28,7 +28,7 @@ def test_step0_identity_and_merge(tiny_config):
 
 
 def test_targets_presets_and_shapes(tiny_config):
-    from sftjax.setup import build
+    from sftjax.build import build
 
     setup = build(tiny_config)
     base = setup.frozen
@@ -54,7 +54,7 @@ def test_unmatched_target_raises():
 
 @pytest.mark.parametrize("scan", [True, False])
 def test_rank_overrides_merge_unmerge_round_trip(tiny_config, scan):
-    from sftjax.setup import build
+    from sftjax.build import build
 
     cfg = tiny_config
     cfg.model.scan_layers = scan
@@ -82,7 +82,7 @@ def test_rank_overrides_merge_unmerge_round_trip(tiny_config, scan):
 
 def test_rank_override_that_matches_nothing_raises(tiny_config):
     from sftjax.errors import UserError
-    from sftjax.setup import build
+    from sftjax.build import build
 
     tiny_config.lora.rank_overrides = ((r"mlp/", 4),)  # targets are q and v only
     with pytest.raises(UserError, match="lora.rank_overrides: pattern 'mlp/' matches no parameter"):
@@ -95,7 +95,7 @@ def test_rank_override_that_matches_nothing_raises(tiny_config):
 
 
 def test_dora_step0_identity_merge_and_gradients(tiny_config):
-    from sftjax.setup import build
+    from sftjax.build import build
 
     cfg = tiny_config
     cfg.lora.dora = True

@@ -7,7 +7,7 @@ import pytest
 
 from sftjax.config import base_config, validate
 from sftjax.errors import UserError
-from sftjax.optim import make_optimizer
+from sftjax.train.optim import make_optimizer
 from sftjax.params import flatten
 
 
@@ -52,10 +52,10 @@ def test_optimizers_train_the_tiny_model(tiny_config):
     """Every optimizer runs the real step on a frozen-base LoRA model; loss goes down; state is
     built over the trainable subtree only (adapters), so frozen leaves hold none."""
     from sftjax.data import pipeline
-    from sftjax.setup import build
-    from sftjax.sharding import place_batch
-    from sftjax.step import make_train_step
-    from sftjax.train import initial_state
+    from sftjax.build import build
+    from sftjax.parallel.mesh import place_batch
+    from sftjax.train.step import make_train_step
+    from sftjax.train.loop import initial_state
 
     cfg = tiny_config
     setup = build(cfg)

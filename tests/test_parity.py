@@ -19,7 +19,7 @@ def both():
     from transformers import AutoModelForCausalLM
 
     from sftjax.models.llama import Llama
-    from sftjax.weights import embedded_model_path, load_pretrained
+    from sftjax.io.hf import embedded_model_path, load_pretrained
 
     cfg, params, tok = load_pretrained("smollm2-135m-instruct")
     path = embedded_model_path()
@@ -43,7 +43,7 @@ def test_logits_match_transformers_on_padded_batch(both):
 
 
 def test_greedy_generation_matches_transformers(both):
-    from sftjax.generate import greedy
+    from sftjax.infer.generate import greedy
 
     model, params, tok, ref = both
     prompts = [np.asarray(tok(p)["input_ids"], np.int32) for p in PROMPTS[:2]]
@@ -58,7 +58,7 @@ def test_greedy_generation_matches_transformers(both):
 def test_gguf_tokenizer_matches_transformers(both):
     from transformers import AutoTokenizer
 
-    from sftjax.weights import embedded_model_path
+    from sftjax.io.hf import embedded_model_path
 
     _, _, tok, _ = both
     path = embedded_model_path()

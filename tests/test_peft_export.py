@@ -42,8 +42,8 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_loads_our_adapter_with_equal_logits(tiny_config, tmp_path, case):
-    from sftjax.peft_export import write_adapter
-    from sftjax.setup import build
+    from sftjax.peft.export import write_adapter
+    from sftjax.build import build
 
     opts = dict(CASES[case])
     cfg = tiny_config
@@ -75,8 +75,8 @@ def test_peft_loads_our_adapter_with_equal_logits(tiny_config, tmp_path, case):
 
 def test_init_from_mismatch_names_the_key(tiny_config, tmp_path):
     from sftjax.errors import UserError
-    from sftjax.peft_export import write_adapter
-    from sftjax.setup import build
+    from sftjax.peft.export import write_adapter
+    from sftjax.build import build
 
     cfg = tiny_config
     setup = build(cfg)
@@ -98,7 +98,7 @@ def test_cli_export_peft_and_bf16_merged(tiny_config, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from sftjax.cli import _load_workdir, main
-    from sftjax.train import run
+    from sftjax.train.loop import run
 
     wd = str(tmp_path / "run")
     tiny_config.lora.dora = True
@@ -145,7 +145,7 @@ def test_init_from_an_adapter_that_peft_saved(tiny_config, tmp_path):
     """An adapter written by PEFT itself (not by us) loads with lora.init_from and gives PEFT's logits."""
     from transformers import AutoModelForCausalLM
 
-    from sftjax.setup import build
+    from sftjax.build import build
 
     cfg = tiny_config
     base = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)

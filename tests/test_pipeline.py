@@ -88,7 +88,7 @@ def test_packed_rows_attend_within_segments_only(tiny_model_dir):
     import jax
 
     from sftjax.models.llama import Llama
-    from sftjax.weights import load_pretrained
+    from sftjax.io.hf import load_pretrained
 
     cfg, params, _ = load_pretrained(tiny_model_dir)
     model = Llama(cfg)
@@ -171,7 +171,7 @@ def test_packed_mixture_run_reports_each_source(tiny_config, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from sftjax.cli import main
-    from sftjax.train import run
+    from sftjax.train.loop import run
 
     data = os.path.dirname(tiny_config.data.train)
     cfg = tiny_config
@@ -204,7 +204,7 @@ def test_loader_position_saved_in_the_orbax_step(tmp_path):
     """Saved at step 3 while training goes on (async model save): restore continues at batch 4."""
     import jax.numpy as jnp
 
-    from sftjax.checkpoint import Checkpointer
+    from sftjax.train.checkpoint import Checkpointer
 
     stores = [_store(100, 5, 30, 0)]
     loader = make_loader(stores, [1.0], _dcfg(packing=True), 8, 0, None)

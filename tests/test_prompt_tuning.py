@@ -9,10 +9,10 @@ from sftjax.params import flatten
 
 def _train(cfg, steps=4):
     from sftjax.data import pipeline
-    from sftjax.setup import build
-    from sftjax.sharding import place_batch
-    from sftjax.step import make_train_step
-    from sftjax.train import initial_state
+    from sftjax.build import build
+    from sftjax.parallel.mesh import place_batch
+    from sftjax.train.step import make_train_step
+    from sftjax.train.loop import initial_state
 
     setup = build(cfg)
     frozen_before = {k: np.array(v) for k, v in flatten(setup.frozen).items()}
@@ -71,7 +71,7 @@ def test_prompt_tuning_trains_only_the_prompt(tiny_config):
 def _assert_greedy_matches_full_forward(model, params, n=3):
     """Cached greedy decoding (two rows of different lengths, so one is left-padded) produces the
     tokens that repeated full forward passes pick."""
-    from sftjax.generate import greedy
+    from sftjax.infer.generate import greedy
 
     prompts = [np.arange(5, 12, dtype=np.int32), np.arange(20, 24, dtype=np.int32)]
     got = greedy(model, params, prompts, n, None)
@@ -85,7 +85,7 @@ def _assert_greedy_matches_full_forward(model, params, n=3):
 
 def test_prompt_tuning_with_lora_names_the_key(tiny_config):
     from sftjax.errors import UserError
-    from sftjax.setup import build
+    from sftjax.build import build
 
     tiny_config.prompt_tuning.method = "prompt"
     with pytest.raises(UserError, match="prompt_tuning.method=prompt: .*lora.enabled=False"):

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from sftjax import quant
+from sftjax.peft import quant
 from sftjax.params import flatten
 
 
@@ -32,10 +32,10 @@ def test_dequantisation_error_bound(kind):
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_qlora_step_trains_only_adapters(tiny_config, kind):
     from sftjax.data import pipeline
-    from sftjax.setup import build
-    from sftjax.sharding import place_batch
-    from sftjax.step import make_train_step
-    from sftjax.train import initial_state
+    from sftjax.build import build
+    from sftjax.parallel.mesh import place_batch
+    from sftjax.train.step import make_train_step
+    from sftjax.train.loop import initial_state
 
     cfg = tiny_config
     cfg.model.quantize = kind
@@ -78,7 +78,7 @@ def test_qlora_step_trains_only_adapters(tiny_config, kind):
 
 def test_quantize_without_a_frozen_base_names_the_key(tiny_config):
     from sftjax.errors import UserError
-    from sftjax.setup import build
+    from sftjax.build import build
 
     tiny_config.lora.enabled = False
     tiny_config.model.quantize = "nf4"
@@ -91,8 +91,8 @@ def test_backward_keeps_no_dequantised_kernels(tiny_config):
     are dequantised again in the backward pass, not stored from the forward pass."""
     import jax.numpy as jnp
 
-    from sftjax.setup import build
-    from sftjax.step import token_stats
+    from sftjax.build import build
+    from sftjax.train.step import token_stats
 
     def temp_bytes(kind):
         tiny_config.model.quantize = kind

@@ -7,15 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sftjax.adversarial import fgm
+from sftjax.train.regularisers import fgm
 from sftjax.models.llama import Llama, neftune_noise
 from sftjax.params import flatten
 
 
 def _setup_and_batch(cfg):
     from sftjax.data import pipeline
-    from sftjax.setup import build
-    from sftjax.sharding import place_batch
+    from sftjax.build import build
+    from sftjax.parallel.mesh import place_batch
 
     setup = build(cfg)
     batch = place_batch(next(pipeline.file_batches(cfg, setup.tokenizer)), setup.mesh)
@@ -43,8 +43,8 @@ def test_neftune_noise_bound_and_only_in_training(tiny_config):
     np.testing.assert_array_equal(no_noise, eval_logits)
 
     # The real train step with NEFTune (it needs the rng) runs and moves away from the noise-free step.
-    from sftjax.step import make_train_step
-    from sftjax.train import initial_state
+    from sftjax.train.step import make_train_step
+    from sftjax.train.loop import initial_state
 
     def one_step(model, rng):
         state, tx, sched = initial_state(setup, cfg)
@@ -59,8 +59,8 @@ def test_neftune_noise_bound_and_only_in_training(tiny_config):
 
 
 def test_fgm_sums_clean_and_adversarial_gradients(tiny_config):
-    from sftjax.step import make_train_step, token_stats
-    from sftjax.train import initial_state
+    from sftjax.train.step import make_train_step, token_stats
+    from sftjax.train.loop import initial_state
 
     cfg = tiny_config
     setup, batch = _setup_and_batch(cfg)
@@ -101,7 +101,7 @@ def test_fgm_sums_clean_and_adversarial_gradients(tiny_config):
 
 
 def test_train_run_with_neftune_and_fgm(tiny_config, tmp_path):
-    from sftjax.train import run
+    from sftjax.train.loop import run
 
     cfg = tiny_config
     cfg.train.neftune_alpha, cfg.train.fgm_epsilon = 5.0, 1.0

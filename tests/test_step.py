@@ -8,10 +8,10 @@ import pytest
 from sftjax.data import pipeline
 from sftjax.errors import UserError
 from sftjax.params import flatten
-from sftjax.setup import build
-from sftjax.sharding import place_batch
-from sftjax.step import make_train_step
-from sftjax.train import initial_state
+from sftjax.build import build
+from sftjax.parallel.mesh import place_batch
+from sftjax.train.step import make_train_step
+from sftjax.train.loop import initial_state
 
 
 def _steps(cfg, n=2, sgd=False):

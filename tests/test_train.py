@@ -6,10 +6,10 @@ import jax
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from sftjax.checkpoint import Checkpointer
+from sftjax.train.checkpoint import Checkpointer
 from sftjax.params import flatten
-from sftjax.setup import build
-from sftjax.train import initial_state, run
+from sftjax.build import build
+from sftjax.train.loop import initial_state, run
 
 
 def _trainable_at(cfg, workdir, step):
@@ -82,8 +82,8 @@ def test_resume_after_crash_equals_uninterrupted(tiny_config, tmp_path, monkeypa
 
 def test_lora_frozen_untouched_and_opt_state_only_for_trainable(tiny_config):
     from sftjax.data import pipeline
-    from sftjax.sharding import place_batch
-    from sftjax.step import make_train_step
+    from sftjax.parallel.mesh import place_batch
+    from sftjax.train.step import make_train_step
 
     cfg = tiny_config
     setup = build(cfg)
@@ -122,8 +122,8 @@ def test_sigterm_checkpoints_and_exits_cleanly(tiny_config, tmp_path, monkeypatc
 
     import pytest
 
-    from sftjax.metrics import Writer
-    from sftjax.train import Interrupted
+    from sftjax.train.metrics import Writer
+    from sftjax.train.loop import Interrupted
 
     cfg = tiny_config
     cfg.train.steps = 3

@@ -6,7 +6,7 @@ heads, kv, vocab, layers) so `sharding.py` can map them onto any mesh. Layers ar
 time flat in depth.
 
 LoRA lives in the tree, not in the code path: a `Linear` whose param dict also holds `lora_a` /
-`lora_b` (added by `sftjax.lora`) adds the low-rank update; without them it is a plain matmul.
+`lora_b` (added by `sftjax.peft.lora`) adds the low-rank update; without them it is a plain matmul.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sftjax import quant
+from sftjax.peft import quant
 from sftjax.errors import UserError
 
 _NEG_INF = -1e30
@@ -85,7 +85,7 @@ class Linear(nn.Module):
     DoRA (a `lora_magnitude` [out] leaf beside the adapters) rescales each output column of the
     adapted weight W + s*A@B to the learned magnitude m; the column norm is a constant in the
     backward pass, as in the DoRA paper (section 4.3) and PEFT. With `kernel_nf4` / `kernel_int8`
-    and `kernel_absmax` in place of `kernel` (see `sftjax.quant`) the kernel is dequantised here.
+    and `kernel_absmax` in place of `kernel` (see `sftjax.peft.quant`) the kernel is dequantised here.
     """
 
     features: int
@@ -309,7 +309,7 @@ class Llama(nn.Module):
         x = embed(input_ids).astype(rt.dtype)
         if rt.neftune_alpha > 0 and not deterministic:
             x = x + neftune_noise(self.make_rng("dropout"), x.shape, rt.neftune_alpha).astype(rt.dtype)
-        if self.has_variable("params", "embed_delta"):  # an adversarial perturbation (FGM, see sftjax.adversarial)
+        if self.has_variable("params", "embed_delta"):  # an adversarial perturbation (FGM, see sftjax.train.regularisers)
             x = x + self.get_variable("params", "embed_delta").astype(rt.dtype)
         block = nn.remat(Block, static_argnums=()) if rt.remat else Block
         if rt.scan_layers:

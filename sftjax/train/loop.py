@@ -21,18 +21,18 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from sftjax import config as C
-from sftjax.checkpoint import Checkpointer
+from sftjax.train.checkpoint import Checkpointer
 from sftjax.data import pipeline
 from sftjax.data.inspect import highlight
 from sftjax.data.loader import make_loader
 from sftjax.errors import UserError
-from sftjax.generate import chat
-from sftjax.metrics import Writer
-from sftjax.optim import make_optimizer
-from sftjax.setup import Setup, build
-from sftjax.sharding import place_batch
-from sftjax.step import TrainState, make_eval_step, make_train_step
-from sftjax.weights import load_tokenizer
+from sftjax.infer.generate import chat
+from sftjax.train.metrics import Writer
+from sftjax.train.optim import make_optimizer
+from sftjax.build import Setup, build
+from sftjax.parallel.mesh import place_batch
+from sftjax.train.step import TrainState, make_eval_step, make_train_step
+from sftjax.io.hf import load_tokenizer
 
 log = logging.getLogger("sftjax")
 

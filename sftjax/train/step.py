@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sftjax.adversarial import fgm
+from sftjax.train.regularisers import fgm
 from sftjax.params import merge
 
 
@@ -58,7 +58,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
 
     The state is donated (updated in place); `frozen` is not. `state_sharding` pins the output
     state to the input's shardings so the step never recompiles. `dropout`: pass an rng (LoRA
-    dropout, NEFTune). `fgm_epsilon` > 0 adds FGM adversarial training (`sftjax.adversarial`).
+    dropout, NEFTune). `fgm_epsilon` > 0 adds FGM adversarial training (`sftjax.train.regularisers`).
     """
 
     def summed_loss(trainable, frozen, mb, rng):

@@ -12,11 +12,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from sftjax import freeze, lora, peft_export, prompt_tuning, quant, sharding
+from sftjax.parallel import mesh as sharding
+from sftjax.peft import export as peft_export
+from sftjax.peft import freeze, lora, quant
+from sftjax.peft import prompt as prompt_tuning
 from sftjax import params as P
 from sftjax.errors import UserError
 from sftjax.models.llama import Llama, LlamaConfig, Runtime
-from sftjax.weights import load_pretrained
+from sftjax.io.hf import load_pretrained
 
 log = logging.getLogger("sftjax")
 

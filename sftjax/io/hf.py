@@ -228,7 +228,7 @@ def load_tokenizer(path: str):
     if path == DEFAULT_MODEL:
         path = embedded_model_path()
     if path.endswith(".gguf"):
-        from sftjax.gguf_file import open_gguf, tokenizer_from_gguf
+        from sftjax.io.gguf_file import open_gguf, tokenizer_from_gguf
 
         tok = tokenizer_from_gguf(open_gguf(path), path)
     elif os.path.isdir(path):
@@ -249,7 +249,7 @@ def load_pretrained(path: str, tokenizer=None):
     if path == DEFAULT_MODEL:
         path = embedded_model_path()
     if path.endswith(".gguf"):
-        from sftjax.gguf_file import read_gguf
+        from sftjax.io.gguf_file import read_gguf
 
         cfg, sd = read_gguf(path)
     elif os.path.isdir(path):
