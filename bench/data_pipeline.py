@@ -34,7 +34,7 @@ def main() -> None:
     from sftjax.config import base_config
     from sftjax.data import pipeline
     from sftjax.data.loader import make_loader
-    from sftjax.io.hf import load_tokenizer
+    from sftjax.io.load import load_tokenizer
 
     cfg = base_config()
     cfg.data.train, cfg.data.max_length, cfg.data.eval_fraction = a.source, a.max_length, 0.0
@@ -71,13 +71,12 @@ def main() -> None:
 
         from sftjax.build import build
         from sftjax.parallel.mesh import place_batch
-        from sftjax.train.step import make_train_step
-        from sftjax.train.loop import initial_state
+        from sftjax.train.step import init_state, make_train_step
 
         cfg.mesh.data = 1
         cfg.data.packing = True
         setup = build(cfg)
-        state, tx, sched = initial_state(setup, cfg)
+        state, tx, sched = init_state(setup, cfg.optim, cfg.train.steps)
         fn = make_train_step(setup.model, tx, sched, 1, False, 0, jax.tree.map(lambda x: x.sharding, state))
         loader = make_loader(data.train, [1.0], cfg.data, a.batch, tok.pad_token_id, None)
         batches = [next(loader) for _ in range(a.step_steps + 1)]

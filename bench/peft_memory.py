@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sftjax.peft import quant
-from sftjax.config import base_config
-from sftjax.train.optim import make_optimizer
-from sftjax.params import count, flatten
 from sftjax.build import build
+from sftjax.config import base_config
+from sftjax.params import count, flatten
+from sftjax.peft import quant
+from sftjax.train.optim import make_optimizer
 
 MB = 1024**2
 

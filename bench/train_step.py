@@ -26,18 +26,17 @@ def run_jax(a) -> dict:
     import jax
     import numpy as np
 
-    from sftjax.config import base_config
     from sftjax.build import build
+    from sftjax.config import base_config
     from sftjax.parallel.mesh import place_batch
-    from sftjax.train.step import make_train_step
-    from sftjax.train.loop import initial_state
+    from sftjax.train.step import init_state, make_train_step
 
     cfg = base_config()
     cfg.lora.targets = (a.targets,)
     cfg.model.dtype = a.dtype
     cfg.mesh.data = 1
     setup = build(cfg)
-    state, tx, sched = initial_state(setup, cfg)
+    state, tx, sched = init_state(setup, cfg.optim, cfg.train.steps)
     fn = make_train_step(setup.model, tx, sched, 1, False, 0, jax.tree.map(lambda x: x.sharding, state))
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 49152, (a.batch, a.length + 1)).astype(np.int32)
@@ -62,7 +61,7 @@ def run_torch(a) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from sftjax.io.hf import embedded_model_path
+    from sftjax.io.load import embedded_model_path
 
     path = embedded_model_path()
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),

@@ -1,4 +1,5 @@
-"""From a config to a model on a mesh: base weights, trainable/frozen split, shardings.
+"""From a validated config to a model on a mesh: base weights, the transforms that adapt the model,
+the trainable/frozen split and the shardings.
 
 Shared by `train`, `generate` and `export`, so all three see exactly the same parameter tree.
 """
@@ -12,98 +13,110 @@ from typing import Any
 import jax
 import numpy as np
 
-from sftjax.parallel import mesh as sharding
-from sftjax.peft import export as peft_export
-from sftjax.peft import freeze, lora, quant
-from sftjax.peft import prompt as prompt_tuning
 from sftjax import params as P
-from sftjax.errors import UserError
+from sftjax.io.load import load_pretrained
+from sftjax.models import layout
 from sftjax.models.llama import Llama, LlamaConfig, Runtime
-from sftjax.io.hf import load_pretrained
+from sftjax.parallel import mesh as sharding
+from sftjax.peft import freeze, lora, prompt, quant
+from sftjax.peft.adapted import Adapted, Transform
+from sftjax.peft.export import read_adapter
+from sftjax.train.regularisers import EmbedDelta, NEFTune
 
 log = logging.getLogger("sftjax")
 
 
 @dataclass
 class Setup:
-    model_cfg: LlamaConfig
-    model: Llama
+    model: Adapted
     tokenizer: Any
     mesh: jax.sharding.Mesh
     trainable: dict  # sharded jax arrays
     frozen: dict  # sharded jax arrays, never donated, never in the optimizer
+
+    @property
+    def model_cfg(self) -> LlamaConfig:
+        return self.model.cfg
 
     def full_params(self, trainable=None) -> dict:
         """The tree the model runs on (adapters beside their kernels, if any)."""
         return P.merge(self.frozen, self.trainable if trainable is None else trainable)
 
     def merged_params(self, trainable=None) -> dict:
-        """Plain base-shaped params, layers stacked, LoRA folded in (for export and plain inference)."""
-        rt = self.model.rt
-        full = quant.dequantize_tree(self.full_params(trainable))
-        return freeze.stack(lora.merge(full, rt.lora_alpha, rt.lora_rslora))
+        """Plain base-shaped params, layers stacked, every transform folded in (export, plain inference)."""
+        return layout.stack(self.model.fold(self.full_params(trainable)))
+
+
+def transforms(cfg) -> tuple[Transform, ...]:
+    """The transforms `cfg` asks for, outermost first (LoRA wraps the quantised matmul)."""
+    out: list[Transform] = []
+    if cfg.lora.enabled:
+        out.append(lora.LoRA(cfg.lora.alpha, cfg.lora.rslora, cfg.lora.dropout))
+    if cfg.model.quantize != "none":
+        out.append(quant.Quantized())
+    if cfg.prompt_tuning.method != "none":
+        out.append(prompt.Prompt() if cfg.prompt_tuning.method == "prompt" else prompt.Prefix())
+    if cfg.train.neftune_alpha > 0:
+        out.append(NEFTune(cfg.train.neftune_alpha))
+    if cfg.train.fgm_epsilon > 0:
+        out.append(EmbedDelta())
+    return tuple(out)
+
+
+def split(cfg, base: dict, mcfg: LlamaConfig) -> tuple[dict, dict]:
+    """(trainable, frozen) numpy trees: adapters, a prompt, or base leaves chosen by train.freeze;
+    with model.quantize the frozen decoder kernels are stored quantised."""
+    quantize = (lambda t: t) if cfg.model.quantize == "none" else (lambda t: quant.quantize_tree(t, cfg.model.quantize))
+    if cfg.lora.enabled:
+        frozen = quantize(base)  # DoRA's magnitudes start from the kernels the model will see
+        seen = base if frozen is base else quant.dequantize_tree(frozen)
+        c = cfg.lora
+        trainable = lora.init_adapters(seen, list(c.targets), c.rank, cfg.train.seed,
+                                       rank_overrides=tuple(c.rank_overrides), dora=c.dora)
+        if c.init_from:
+            trainable = read_adapter(c.init_from, c, trainable, mcfg.num_hidden_layers)
+        return trainable, frozen
+    if cfg.prompt_tuning.method != "none":  # the whole base stays frozen
+        pt = cfg.prompt_tuning
+        return prompt.init(pt.method, base, mcfg, pt.length, cfg.train.seed, cfg.model.scan_layers), quantize(base)
+    pats = freeze.trainable_patterns(cfg.train, mcfg.num_hidden_layers, mcfg.tie_word_embeddings)
+    chosen = P.matching(P.flatten(base), pats, "train.trainable" if cfg.train.freeze == "regex" else "train.freeze")
+    trainable, frozen = P.split(base, chosen)
+    return trainable, quantize(frozen)
+
+
+def logical_axes(model: Adapted, trees: list[dict]) -> dict:
+    """Logical axes of every leaf of `trees`: the model's own for base leaves; adapters and
+    quantised kernels derive theirs from their kernel's; prompt/prefix leaves are unsharded."""
+    base = P.flatten(sharding.logical_axes(model.base, np.zeros((1, 8), np.int32)))
+    out = {}
+    for path, x in P.flatten(P.merge(*trees)).items():
+        mod, _, leaf = path.rpartition("/")
+        if path in base:
+            out[path] = base[path]
+        elif leaf.startswith("lora_"):
+            out[path] = lora.adapter_axes(base[f"{mod}/kernel"])[leaf]
+        elif leaf.startswith("kernel_"):
+            qa = quant.quantized_axes(base[f"{mod}/kernel"])
+            out[path] = qa["kernel_absmax"] if leaf == "kernel_absmax" else qa["codes"]
+        elif leaf.startswith(("prefix_", "prompt_")):
+            out[path] = (None,) * np.ndim(x)
+    return P.unflatten(out)
 
 
 def build(cfg, tokenizer=None) -> Setup:
-    """The model, mesh and parameter split for `cfg`; `tokenizer` if the caller already loaded it."""
+    """The model, mesh and parameter split for a validated `cfg`; `tokenizer` if already loaded."""
     mcfg, base, tok = load_pretrained(cfg.model.path, tokenizer)
-    use_lora = cfg.lora.enabled
-    if use_lora and cfg.train.freeze != "full":
-        raise UserError(f"train.freeze={cfg.train.freeze}: chooses trainable base parameters without LoRA; "
-                        "set lora.enabled=False (with LoRA only the adapters train)")
-    if use_lora and cfg.train.trainable:
-        raise UserError("train.trainable: chooses trainable base parameters without LoRA; set lora.enabled=False "
-                        "and train.freeze=regex (with LoRA only the adapters train)")
-    if cfg.prompt_tuning.method != "none" and use_lora:
-        raise UserError(f"prompt_tuning.method={cfg.prompt_tuning.method}: trains only the prompt over a frozen "
-                        "base; set lora.enabled=False")
-    rt = Runtime(dtype=cfg.model.dtype, remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
-                 lora_alpha=cfg.lora.alpha, lora_rslora=cfg.lora.rslora,
-                 lora_dropout=cfg.lora.dropout if use_lora else 0.0, neftune_alpha=cfg.train.neftune_alpha)
-    model = Llama(mcfg, rt)
-    if not rt.scan_layers:
-        base = freeze.unstack(base, mcfg.num_hidden_layers)
-    mesh = sharding.make_mesh(cfg.mesh)
-    axes = sharding.logical_axes(model, np.zeros((1, 8), np.int32))
-    if use_lora:
-        frozen = base
-        if cfg.model.quantize != "none":  # DoRA's magnitudes start from the kernels the model will see
-            frozen = quant.quantize_tree(base, cfg.model.quantize)
-        seen = base if frozen is base else quant.dequantize_tree(frozen)
-        trainable = lora.init_adapters(seen, list(cfg.lora.targets), cfg.lora.rank, cfg.train.seed,
-                                       rank_overrides=tuple(cfg.lora.rank_overrides), dora=cfg.lora.dora)
-        if cfg.lora.init_from:
-            trainable = peft_export.read_adapter(cfg.lora.init_from, cfg.lora, trainable, mcfg.num_hidden_layers)
-        flat_axes = P.flatten(axes)
-        for path in P.flatten(trainable):
-            mod, leaf = path.rsplit("/", 1)
-            flat_axes[path] = lora.adapter_axes(flat_axes[f"{mod}/kernel"])[leaf]
-        axes = P.unflatten(flat_axes)
-    elif cfg.prompt_tuning.method != "none":  # the whole base stays frozen
-        frozen = base if cfg.model.quantize == "none" else quant.quantize_tree(base, cfg.model.quantize)
-        trainable = prompt_tuning.init(cfg.prompt_tuning.method, base, mcfg, cfg.prompt_tuning.length,
-                                       cfg.train.seed, rt.scan_layers)
-        axes = P.merge(axes, prompt_tuning.axes(trainable))
-    else:
-        if cfg.train.freeze == "full" and cfg.train.trainable:
-            raise UserError("train.trainable: regexes are used with train.freeze=regex (now 'full')")
-        pats = freeze.trainable_patterns(cfg.train, mcfg.num_hidden_layers, mcfg.tie_word_embeddings,
-                                         rt.scan_layers)
-        chosen = P.matching(P.flatten(base), pats, "train.trainable" if cfg.train.freeze == "regex" else "train.freeze")
-        trainable, frozen = P.split(base, chosen)
-        if cfg.model.quantize != "none":
-            frozen = quant.quantize_tree(frozen, cfg.model.quantize)
+    model = Adapted(Llama(mcfg, Runtime(cfg.model.dtype, cfg.model.remat, cfg.model.scan_layers)), transforms(cfg))
+    if not cfg.model.scan_layers:
+        base = layout.unstack(base, mcfg.num_hidden_layers)
+    trainable, frozen = split(cfg, base, mcfg)
     n_train, n_all = P.count(trainable), P.count(base)
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)
     if cfg.model.quantize != "none":
-        flat_axes = P.flatten(axes)
-        for path in P.flatten(frozen):
-            mod, leaf = path.rsplit("/", 1)
-            if leaf.startswith("kernel_"):
-                qa = quant.quantized_axes(flat_axes[f"{mod}/kernel"])
-                flat_axes[path] = qa["kernel_absmax"] if leaf == "kernel_absmax" else qa["codes"]
-        axes = P.unflatten(flat_axes)
         log.info("frozen base quantised to %s: %s bytes", cfg.model.quantize, f"{quant.nbytes(frozen):,}")
+    mesh = sharding.make_mesh(cfg.mesh)
+    axes = logical_axes(model, [trainable, frozen])
     trainable = sharding.place(trainable, sharding.param_shardings(trainable, axes, mesh))
     frozen = sharding.place(frozen, sharding.param_shardings(frozen, axes, mesh))
-    return Setup(mcfg, model, tok, mesh, trainable, frozen)
+    return Setup(model, tok, mesh, trainable, frozen)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from sftjax.errors import UserError
@@ -64,107 +63,90 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _init_distributed() -> None:
-    import jax
-
-    env = os.environ
-    if "SFTJAX_COORDINATOR" in env:
-        try:
-            n, pid = int(env["SFTJAX_NUM_PROCESSES"]), int(env["SFTJAX_PROCESS_ID"])
-        except (KeyError, ValueError):
-            raise UserError("--distributed: SFTJAX_COORDINATOR is set, so SFTJAX_NUM_PROCESSES and "
-                            "SFTJAX_PROCESS_ID must be integers too") from None
-        jax.distributed.initialize(coordinator_address=env["SFTJAX_COORDINATOR"], num_processes=n, process_id=pid)
-    else:
-        jax.distributed.initialize()  # SLURM, TPU pods, ... fill in the cluster themselves
-    logging.getLogger("sftjax").info("process %d of %d, %d local / %d global devices", jax.process_index(),
-                                     jax.process_count(), jax.local_device_count(), jax.device_count())
-
-
 def _load_workdir(workdir: str):
-    from sftjax.config import from_json
-
-    path = os.path.join(workdir, "sftjax_config.json")
-    if not os.path.isfile(path):
-        raise UserError(f"--workdir: {path} not found; run `sftjax train --workdir={workdir} ...` first")
-    with open(path) as f:
-        cfg = from_json(f.read())
-    from sftjax.train.checkpoint import Checkpointer
-    from sftjax.data.templates import resolve
+    """(config, Setup, trained params) of a finished or interrupted run."""
     from sftjax.build import build
+    from sftjax.data.templates import resolve
+    from sftjax.train.checkpoint import latest_trainable
+    from sftjax.train.workdir import read_config
 
+    cfg = read_config(workdir)
     setup = build(cfg)
     resolve(setup.tokenizer, cfg.data.chat_template)  # generate with the template training used
-    ckpt = Checkpointer(workdir, cfg.checkpoint.max_to_keep)
-    step = ckpt.latest_step()
-    if step is None:
-        raise UserError(f"--workdir: no checkpoint in {ckpt.dir}; train first")
-    from sftjax.train.loop import initial_state
+    return cfg, setup, latest_trainable(workdir, setup, cfg)
 
-    state = ckpt.restore(step, initial_state(setup, cfg)[0])
-    ckpt.close()
-    return cfg, setup, state.trainable
+
+def _train(args, overrides) -> int:
+    from sftjax.config import load_config
+    from sftjax.train.loop import run
+
+    cfg = load_config(args.config, overrides)
+    if args.distributed:
+        from sftjax.parallel.distributed import initialize
+
+        initialize()
+    run(cfg, args.workdir)
+    return 0
+
+
+def _data(args, overrides) -> int:
+    from sftjax.config import load_config
+    from sftjax.data.inspect import inspect
+
+    print(inspect(load_config(args.config, overrides), args.n, "ansi" if sys.stdout.isatty() else "brackets"))
+    return 0
+
+
+def _convert(args) -> int:
+    from sftjax.io.hf import write_hf_folder
+    from sftjax.io.load import load_pretrained
+
+    cfg, params, tok = load_pretrained(args.gguf)
+    write_hf_folder(args.out, cfg, params, tok)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _generate(args) -> int:
+    from sftjax.infer.generate import chat
+
+    cfg, setup, trainable = _load_workdir(args.workdir)
+    params = setup.full_params(None if args.base else trainable)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    convs = [system + [{"role": "user", "content": p}] for p in args.prompt]
+    for prompt, reply in zip(args.prompt, chat(setup.model, params, setup.tokenizer, convs, args.max_new_tokens),
+                             strict=True):
+        print(f"> {prompt}\n{reply}\n")
+    return 0
+
+
+def _export(args) -> int:
+    import jax
+    import numpy as np
+
+    from sftjax.io.hf import write_hf_folder
+
+    cfg, setup, trainable = _load_workdir(args.workdir)
+    if args.format == "peft":
+        from sftjax.peft.export import write_adapter
+
+        if not cfg.lora.enabled:
+            raise UserError("--format=peft: this run trained without LoRA (lora.enabled=False); use --format=merged")
+        write_adapter(args.out, cfg.lora, trainable, setup.model_cfg.num_hidden_layers, cfg.model.path,
+                      dtype=args.dtype)
+    else:
+        merged = jax.tree.map(np.asarray, setup.merged_params(trainable))
+        write_hf_folder(args.out, setup.model_cfg, merged, setup.tokenizer, dtype=args.dtype)
+    print(f"wrote {args.out}")
+    return 0
 
 
 def _dispatch(args, overrides: list[str]) -> int:
-    if args.cmd == "train":
-        from sftjax.config import load_config
-        from sftjax.train.loop import run
-
-        cfg = load_config(args.config, overrides)
-        if args.distributed:
-            _init_distributed()
-        run(cfg, args.workdir)
-        return 0
-    if args.cmd == "data":
-        from sftjax.config import load_config
-        from sftjax.data.inspect import inspect
-
-        print(inspect(load_config(args.config, overrides), args.n, "ansi" if sys.stdout.isatty() else "brackets"))
-        return 0
+    if args.cmd in ("train", "data"):
+        return (_train if args.cmd == "train" else _data)(args, overrides)
     if overrides:
         raise UserError(f"{overrides[0]}: --config.* overrides apply to `train` and `data` only")
-    if args.cmd == "convert":
-        from sftjax.io.hf import load_pretrained, write_hf_folder
-
-        cfg, params, tok = load_pretrained(args.gguf)
-        write_hf_folder(args.out, cfg, params, tok)
-        print(f"wrote {args.out}")
-        return 0
-    cfg, setup, trainable = _load_workdir(args.workdir)
-    if args.cmd == "generate":
-        from sftjax.infer.generate import chat
-
-        params = setup.full_params(None if args.base else trainable)
-        system = [{"role": "system", "content": args.system}] if args.system else []
-        convs = [system + [{"role": "user", "content": p}] for p in args.prompt]
-        for prompt, reply in zip(args.prompt, chat(setup.model, params, setup.tokenizer, convs,
-                                                    args.max_new_tokens), strict=True):
-            print(f"> {prompt}\n{reply}\n")
-        return 0
-    if args.cmd == "export":
-        import jax
-        import numpy as np
-
-        from sftjax.io.hf import write_hf_folder
-
-        if args.format == "peft":
-            from sftjax.peft.export import write_adapter
-
-            if not cfg.lora.enabled:
-                raise UserError("--format=peft: this run trained without LoRA (lora.enabled=False); use --format=merged")
-            write_adapter(args.out, cfg.lora, trainable, setup.model_cfg.num_hidden_layers, cfg.model.path,
-                          dtype=args.dtype)
-            print(f"wrote {args.out}")
-            return 0
-        if cfg.prompt_tuning.method != "none":
-            raise UserError(f"export: a {cfg.prompt_tuning.method}-tuned model has no merged HF form "
-                            "(the learned prompt is not a weight of the base architecture)")
-        merged = jax.tree.map(np.asarray, setup.merged_params(trainable))
-        write_hf_folder(args.out, setup.model_cfg, merged, setup.tokenizer, dtype=args.dtype)
-        print(f"wrote {args.out}")
-        return 0
-    raise AssertionError(args.cmd)
+    return {"convert": _convert, "generate": _generate, "export": _export}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Config schema, loading and command-line overrides.
+"""Config schema, loading, command-line overrides, and the one place configs are validated.
 
 A config file is Python with `get_config()` returning an ml_collections ConfigDict built on
 `base_config()`. The result is locked: an unknown key, in the file or in `--config.a.b=value`,
@@ -15,6 +15,7 @@ import os
 
 from ml_collections import ConfigDict
 
+from sftjax.data.formats import FORMATS
 from sftjax.errors import UserError
 
 
@@ -137,8 +138,7 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
 
 CHOICES = {
     ("model", "dtype"): ("float32", "bfloat16"),
-    ("data", "format"): ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "classification",
-                         "tokens"),
+    ("data", "format"): FORMATS,
     ("data", "loss_on"): ("assistant", "last_assistant", "all"),
     ("data", "truncation"): ("right", "left", "drop"),
     ("data", "on_no_targets"): ("drop", "raise"),
@@ -155,7 +155,9 @@ POSITIVE += [("train", "last_layers"), ("prompt_tuning", "length")]
 
 
 def validate(cfg: ConfigDict) -> None:
-    """Value checks that need no model or data, so a typo fails before anything slow starts."""
+    """Every check that needs no model, data or devices, run once when a config is loaded
+    (`load_config`, `from_json`), so a mistake fails before anything slow starts; the builders
+    trust a validated config. Library callers that build a ConfigDict themselves call this."""
     for (sect, key), options in CHOICES.items():
         if cfg[sect][key] not in options:
             raise UserError(f"{sect}.{key}: {cfg[sect][key]!r} is not one of {', '.join(options)}")
@@ -175,6 +177,27 @@ def validate(cfg: ConfigDict) -> None:
             raise UserError(f"train.{key}: must be >= 0 (0 turns it off), got {cfg.train[key]}")
     if not 0 <= cfg.lora.dropout < 1:
         raise UserError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    _validate_trainable(cfg)
+
+
+def _validate_trainable(cfg: ConfigDict) -> None:
+    """What trains: LoRA, prompt/prefix tuning and train.freeze choose it in ways that exclude each other."""
+    freeze, trainable = cfg.train.freeze, cfg.train.trainable
+    if cfg.lora.enabled and freeze != "full":
+        raise UserError(f"train.freeze={freeze}: chooses trainable base parameters without LoRA; "
+                        "set lora.enabled=False (with LoRA only the adapters train)")
+    if cfg.lora.enabled and trainable:
+        raise UserError("train.trainable: chooses trainable base parameters without LoRA; set lora.enabled=False "
+                        "and train.freeze=regex (with LoRA only the adapters train)")
+    if cfg.prompt_tuning.method != "none" and cfg.lora.enabled:
+        raise UserError(f"prompt_tuning.method={cfg.prompt_tuning.method}: trains only the prompt over a frozen "
+                        "base; set lora.enabled=False")
+    if freeze == "full" and trainable:
+        raise UserError("train.trainable: regexes are used with train.freeze=regex (now 'full')")
+    if freeze == "regex" and not trainable:
+        raise UserError("train.trainable: train.freeze=regex needs at least one regex")
+    if freeze == "last_layers" and cfg.model.scan_layers:
+        raise UserError("train.freeze=last_layers: needs one subtree per layer; set --config.model.scan_layers=False")
 
 
 def check_keys(cfg: ConfigDict, schema: ConfigDict, where: str, prefix: str = "") -> None:
@@ -232,10 +255,12 @@ def to_json(cfg: ConfigDict) -> str:
 
 
 def from_json(text: str) -> ConfigDict:
+    """A run's saved config (see `train.loop`), validated and locked like `load_config`'s."""
     base = base_config()
     d = json.loads(text)
     for sect, vals in d.items():
         for k, v in vals.items():
             base[sect][k] = tuple(v) if isinstance(base[sect][k], tuple) else v
+    validate(base)
     base.lock()
     return base

@@ -19,7 +19,7 @@ def smol_tokenizer():
     from gguf import GGUFReader
 
     from sftjax.io.gguf_file import tokenizer_from_gguf
-    from sftjax.io.hf import embedded_model_path
+    from sftjax.io.load import embedded_model_path
 
     path = embedded_model_path()
     return tokenizer_from_gguf(GGUFReader(path), path)
@@ -28,8 +28,8 @@ def smol_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smol_tokenizer):
     """A random 2-layer Llama with SmolLM2's tokenizer, written as a HF folder."""
-    from sftjax.models.llama import Llama, LlamaConfig
     from sftjax.io.hf import write_hf_folder
+    from sftjax.models.llama import Llama, LlamaConfig
 
     cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-5,

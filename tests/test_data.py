@@ -2,9 +2,10 @@ import json
 
 import numpy as np
 import pytest
+from helpers import read_list
 
 from sftjax.data.chat import encode
-from sftjax.data.records import Record, read_jsonl
+from sftjax.data.records import Record
 from sftjax.errors import UserError
 
 
@@ -38,7 +39,7 @@ def test_alpaca_and_messages_records(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps({"instruction": "Add", "input": "2 and 3", "output": "5"}) + "\n\n"
                  + json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
-    recs = read_jsonl(str(p))
+    recs = read_list(str(p))
     assert recs[0].messages == ({"role": "user", "content": "Add\n\n2 and 3"}, {"role": "assistant", "content": "5"})
     assert recs[0].where == f"{p}:1" and recs[1].where == f"{p}:3"
 
@@ -56,7 +57,7 @@ def test_bad_line_names_file_and_line(tmp_path, line, expected):
     good = json.dumps({"instruction": "a", "output": "b"})
     p.write_text(good + "\n" + line + "\n")
     with pytest.raises(UserError) as e:
-        read_jsonl(str(p))
+        read_list(str(p))
     assert f"{p}:2" in str(e.value) and expected in str(e.value)
 
 
@@ -64,7 +65,7 @@ def test_non_utf8_line(tmp_path):
     p = tmp_path / "bin.jsonl"
     p.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "\xff"}\n')
     with pytest.raises(UserError, match=r"bin.jsonl:2: not valid UTF-8"):
-        read_jsonl(str(p))
+        read_list(str(p))
 
 
 def test_batches_shift_targets_and_gather_target_slots(smol_tokenizer):

@@ -28,8 +28,8 @@ def test_export_merged_folder_loads_in_transformers(tiny_config, tmp_path):
 
     _, setup, trainable = _load_workdir(wd)
     ids = np.random.default_rng(1).integers(0, 5000, (2, 10)).astype(np.int32)
-    ours = np.asarray(setup.model.apply({"params": setup.full_params(trainable)}, ids))
-    base = np.asarray(setup.model.apply({"params": setup.frozen}, ids))
+    ours = np.asarray(setup.model.apply(setup.full_params(trainable), ids))
+    base = np.asarray(setup.model.apply(setup.frozen, ids))
     assert np.abs(ours - base).max() > 1e-4  # training changed the model, so the check below means something
     ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():
@@ -69,8 +69,8 @@ def test_convert_gguf_to_hf_folder(tmp_path):
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["num_hidden_layers"] == 30 and cfg["tie_word_embeddings"] is True
     ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    from sftjax.io.load import load_pretrained
     from sftjax.models.llama import Llama
-    from sftjax.io.hf import load_pretrained
 
     mcfg, params, tok = load_pretrained(out)
     ids = np.asarray([tok("Hello, my name is")["input_ids"]], np.int32)

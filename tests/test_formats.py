@@ -5,9 +5,10 @@ import json
 import os
 
 import pytest
+from helpers import read_list
 
 from sftjax.data.formats import detect
-from sftjax.data.records import Record, read_jsonl, read_records
+from sftjax.data.records import Record, read_records
 from sftjax.errors import UserError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "data", "formats")
@@ -148,7 +149,7 @@ def test_hf_loader(tmp_path, monkeypatch, loader):
     assert list(read_records(src)) == [Record(f"{src}#{i}", m) for i, m in enumerate(EXPECTED)]
 
 
-def test_read_records_streams_and_read_jsonl_lists(tmp_path):
+def test_read_records_streams_and_read_list_lists(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps({"text": "fine"}) + "\n{oops\n")
     records = read_records(str(p))
@@ -156,7 +157,7 @@ def test_read_records_streams_and_read_jsonl_lists(tmp_path):
     with pytest.raises(UserError, match=f"^{p}:2: malformed JSON"):
         next(records)
     p.write_text(json.dumps({"text": "fine"}) + "\n")
-    assert read_jsonl(str(p)) == [Record(f"{p}:1", text="fine")]
+    assert read_list(str(p)) == [Record(f"{p}:1", text="fine")]
 
 
 # --- auto-detection -----------------------------------------------------------------------------

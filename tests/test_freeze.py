@@ -4,13 +4,14 @@ hold no optimizer state."""
 import jax
 import numpy as np
 import pytest
+from helpers import init_state
 
-from sftjax.peft import freeze
+from sftjax.build import build
 from sftjax.config import validate
 from sftjax.errors import UserError
+from sftjax.models import layout
 from sftjax.params import flatten
-from sftjax.build import build
-from sftjax.train.loop import initial_state
+from sftjax.peft import freeze
 
 
 def test_unrolled_layers_equal_scanned(tiny_config):
@@ -23,8 +24,8 @@ def test_unrolled_layers_equal_scanned(tiny_config):
     unrolled = build(cfg)
     assert "layers_1/self_attn/q_proj/kernel" in flatten(unrolled.trainable)
     ids = np.random.default_rng(0).integers(0, 1000, (2, 12)).astype(np.int32)
-    a = np.asarray(scanned.model.apply({"params": scanned.full_params()}, ids))
-    b = np.asarray(unrolled.model.apply({"params": unrolled.full_params()}, ids))
+    a = np.asarray(scanned.model.apply(scanned.full_params(), ids))
+    b = np.asarray(unrolled.model.apply(unrolled.full_params(), ids))
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     # The key/value cache path (generation) too.
     prompts = [ids[0, :5], ids[1, :7]]
@@ -35,22 +36,23 @@ def test_unrolled_layers_equal_scanned(tiny_config):
     back = flatten(unrolled.merged_params())
     for k, v in flatten(scanned.full_params()).items():
         np.testing.assert_array_equal(np.asarray(back[k]), np.asarray(v), err_msg=k)
-    assert flatten(freeze.unstack(scanned.full_params(), 2))["layers_0/mlp/up_proj/kernel"].shape == (64, 128)
+    assert flatten(layout.unstack(scanned.full_params(), 2))["layers_0/mlp/up_proj/kernel"].shape == (64, 128)
 
 
 def _two_steps(cfg):
-    from sftjax.data import pipeline
+    from helpers import file_batches
+
     from sftjax.parallel.mesh import place_batch
     from sftjax.train.step import make_train_step
 
     setup = build(cfg)
     frozen_before = {k: np.array(v) for k, v in flatten(setup.frozen).items()}
     train_before = {k: np.array(v) for k, v in flatten(setup.trainable).items()}
-    state, tx, sched = initial_state(setup, cfg)
+    state, tx, sched = init_state(setup, cfg)
     n_train = sum(x.size for x in jax.tree.leaves(setup.trainable))
     opt_leaves = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
     assert sum(x.size for x in opt_leaves) == 2 * n_train  # Adam's mu and nu for trainable leaves only
-    batches = pipeline.file_batches(cfg, setup.tokenizer)
+    batches = file_batches(cfg, setup.tokenizer)
     step = make_train_step(setup.model, tx, sched, 1, False, 0)
     for _ in range(2):
         state, _ = step(state, setup.frozen, place_batch(next(batches), setup.mesh))
@@ -86,11 +88,11 @@ def test_freezing_config_errors_name_the_key(tiny_config):
     cfg = tiny_config
     cfg.train.freeze = "head"
     with pytest.raises(UserError, match="train.freeze=head: .*set lora.enabled=False"):
-        build(cfg)
+        validate(cfg)
     cfg.lora.enabled = False
     cfg.train.freeze = "last_layers"
     with pytest.raises(UserError, match="model.scan_layers=False"):
-        build(cfg)
+        validate(cfg)
     cfg.model.scan_layers = False
     cfg.train.last_layers = 3
     with pytest.raises(UserError, match=r"train.last_layers: must be in 1..2"):
@@ -101,4 +103,7 @@ def test_freezing_config_errors_name_the_key(tiny_config):
     cfg.train.freeze = "full"
     cfg.train.trainable = ("mlp/",)
     with pytest.raises(UserError, match="train.trainable: .*train.freeze=regex"):
-        build(cfg)
+        validate(cfg)
+    cfg.train.freeze, cfg.train.trainable = "regex", ()
+    with pytest.raises(UserError, match="train.trainable: train.freeze=regex needs at least one regex"):
+        validate(cfg)

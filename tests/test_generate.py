@@ -7,7 +7,7 @@ def _reference(model, params, prompt, n):
     """Greedy by re-running the full model on the growing sequence (no cache, no padding)."""
     seq = list(prompt)
     for _ in range(n):
-        logits = np.asarray(model.apply({"params": params}, np.asarray([seq], np.int32)))
+        logits = np.asarray(model.apply(params, np.asarray([seq], np.int32)))
         seq.append(int(logits[0, -1].argmax()))
     return seq[len(prompt):]
 

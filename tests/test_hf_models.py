@@ -28,8 +28,8 @@ def _qwen2_biases_tied():
 
 @pytest.mark.parametrize("make", [_llama3_scaled, _qwen2_biases_tied], ids=["llama3-rope-untied", "qwen2-bias-tied"])
 def test_random_model_logits_match_transformers(tmp_path, make):
-    from sftjax.models.llama import Llama
     from sftjax.io.hf import hf_to_params, read_hf_folder
+    from sftjax.models.llama import Llama
 
     torch.manual_seed(0)
     ref = make().eval()

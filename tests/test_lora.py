@@ -2,12 +2,12 @@ import jax
 import numpy as np
 import pytest
 
-from sftjax.peft import lora
 from sftjax.params import flatten
+from sftjax.peft import lora
 
 
 def _apply(model, params, ids):
-    return np.asarray(model.apply({"params": params}, ids))
+    return np.asarray(model.apply(params, ids))
 
 
 def test_step0_identity_and_merge(tiny_config):
@@ -81,8 +81,8 @@ def test_rank_overrides_merge_unmerge_round_trip(tiny_config, scan):
 
 
 def test_rank_override_that_matches_nothing_raises(tiny_config):
-    from sftjax.errors import UserError
     from sftjax.build import build
+    from sftjax.errors import UserError
 
     tiny_config.lora.rank_overrides = ((r"mlp/", 4),)  # targets are q and v only
     with pytest.raises(UserError, match="lora.rank_overrides: pattern 'mlp/' matches no parameter"):
@@ -122,7 +122,7 @@ def test_dora_step0_identity_merge_and_gradients(tiny_config):
 
     # The magnitude receives a gradient; the column norm is a constant (stop_gradient), as in PEFT.
     def loss(tr):
-        return setup.model.apply({"params": setup.full_params(tr)}, ids).sum()
+        return setup.model.apply(setup.full_params(tr), ids).sum()
 
     g = flatten(jax.grad(loss)(trained))
     assert np.abs(np.asarray(g["layers/self_attn/q_proj/lora_magnitude"])).max() > 0

@@ -7,8 +7,8 @@ import pytest
 
 from sftjax.config import base_config, validate
 from sftjax.errors import UserError
-from sftjax.train.optim import make_optimizer
 from sftjax.params import flatten
+from sftjax.train.optim import make_optimizer
 
 
 def _tree():
@@ -51,20 +51,20 @@ def test_state_size_and_masked_weight_decay(name):
 def test_optimizers_train_the_tiny_model(tiny_config):
     """Every optimizer runs the real step on a frozen-base LoRA model; loss goes down; state is
     built over the trainable subtree only (adapters), so frozen leaves hold none."""
-    from sftjax.data import pipeline
+    from helpers import file_batches, init_state
+
     from sftjax.build import build
     from sftjax.parallel.mesh import place_batch
     from sftjax.train.step import make_train_step
-    from sftjax.train.loop import initial_state
 
     cfg = tiny_config
     setup = build(cfg)
-    batch = place_batch(next(pipeline.file_batches(cfg, setup.tokenizer)), setup.mesh)
+    batch = place_batch(next(file_batches(cfg, setup.tokenizer)), setup.mesh)
     init = setup.trainable
     for name, lr in (("adamw", 1e-2), ("adafactor", 1e-2), ("lion", 1e-3)):
         cfg.optim.name, cfg.optim.lr = name, lr
         setup.trainable = jax.tree.map(jnp.copy, init)  # the step donates (deletes) its input state
-        state, tx, sched = initial_state(setup, cfg)
+        state, tx, sched = init_state(setup, cfg)
         assert _state_size(state.opt_state) <= 2 * sum(x.size for x in jax.tree.leaves(setup.trainable))
         step = make_train_step(setup.model, tx, sched, 1, False, 0)
         losses = []

@@ -18,8 +18,8 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the 
 def both():
     from transformers import AutoModelForCausalLM
 
+    from sftjax.io.load import embedded_model_path, load_pretrained
     from sftjax.models.llama import Llama
-    from sftjax.io.hf import embedded_model_path, load_pretrained
 
     cfg, params, tok = load_pretrained("smollm2-135m-instruct")
     path = embedded_model_path()
@@ -58,7 +58,7 @@ def test_greedy_generation_matches_transformers(both):
 def test_gguf_tokenizer_matches_transformers(both):
     from transformers import AutoTokenizer
 
-    from sftjax.io.hf import embedded_model_path
+    from sftjax.io.load import embedded_model_path
 
     _, _, tok, _ = both
     path = embedded_model_path()

@@ -42,8 +42,8 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_loads_our_adapter_with_equal_logits(tiny_config, tmp_path, case):
-    from sftjax.peft.export import write_adapter
     from sftjax.build import build
+    from sftjax.peft.export import write_adapter
 
     opts = dict(CASES[case])
     cfg = tiny_config
@@ -56,8 +56,8 @@ def test_peft_loads_our_adapter_with_equal_logits(tiny_config, tmp_path, case):
     write_adapter(out, cfg.lora, trained, setup.model_cfg.num_hidden_layers, cfg.model.path)
     pc = json.load(open(os.path.join(out, "adapter_config.json")))
     assert pc["peft_type"] == "LORA" and pc["task_type"] == "CAUSAL_LM" and pc["use_dora"] == cfg.lora.dora
-    ours = np.asarray(setup.model.apply({"params": setup.full_params(trained)}, IDS))
-    base = np.asarray(setup.model.apply({"params": setup.frozen}, IDS))
+    ours = np.asarray(setup.model.apply(setup.full_params(trained), IDS))
+    base = np.asarray(setup.model.apply(setup.frozen, IDS))
     assert np.abs(ours - base).max() > 1e-3
     theirs = _peft_logits(cfg.model.path, out)
     err = float(np.abs(ours - theirs).max())
@@ -74,9 +74,9 @@ def test_peft_loads_our_adapter_with_equal_logits(tiny_config, tmp_path, case):
 
 
 def test_init_from_mismatch_names_the_key(tiny_config, tmp_path):
+    from sftjax.build import build
     from sftjax.errors import UserError
     from sftjax.peft.export import write_adapter
-    from sftjax.build import build
 
     cfg = tiny_config
     setup = build(cfg)
@@ -104,7 +104,7 @@ def test_cli_export_peft_and_bf16_merged(tiny_config, tmp_path):
     tiny_config.lora.dora = True
     run(tiny_config, wd)
     _, setup, trainable = _load_workdir(wd)
-    ours = np.asarray(setup.model.apply({"params": setup.full_params(trainable)}, IDS))
+    ours = np.asarray(setup.model.apply(setup.full_params(trainable), IDS))
 
     pdir = str(tmp_path / "peft")
     assert main(["export", f"--workdir={wd}", f"--out={pdir}", "--format=peft"]) == 0
@@ -133,7 +133,7 @@ def test_cli_export_peft_and_bf16_merged(tiny_config, tmp_path):
 
     rounded = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32),
                            setup.merged_params(trainable))
-    exact = np.asarray(setup.model.apply({"params": rounded}, IDS))
+    exact = np.asarray(setup.model.apply(rounded, IDS))
     err_b = float(np.abs(exact - theirs).max())
     err_vs_f32 = float(np.abs(ours - theirs).max())
     print(f"bf16 merged export: max |logit diff| vs bf16-rounded ours = {err_b:.3g}, vs float32 ours = {err_vs_f32:.3g}")
@@ -165,7 +165,7 @@ def test_init_from_an_adapter_that_peft_saved(tiny_config, tmp_path):
 
     cfg.lora.dora, cfg.lora.rank_overrides, cfg.lora.init_from = True, ((r"v_proj$", 4),), out
     setup = build(cfg)
-    ours = np.asarray(setup.model.apply({"params": setup.full_params()}, IDS))
+    ours = np.asarray(setup.model.apply(setup.full_params(), IDS))
     err = float(np.abs(ours - theirs).max())
     print(f"PEFT-saved DoRA adapter loaded by lora.init_from: max |logit diff| = {err:.3g}")
     assert err <= 1e-3

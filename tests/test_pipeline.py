@@ -87,8 +87,8 @@ def test_packed_rows_attend_within_segments_only(tiny_model_dir):
     """Each packed example's logits equal the logits of that example run alone (to 1e-5)."""
     import jax
 
+    from sftjax.io.load import load_pretrained
     from sftjax.models.llama import Llama
-    from sftjax.io.hf import load_pretrained
 
     cfg, params, _ = load_pretrained(tiny_model_dir)
     model = Llama(cfg)

@@ -8,17 +8,17 @@ from sftjax.params import flatten
 
 
 def _train(cfg, steps=4):
-    from sftjax.data import pipeline
+    from helpers import file_batches, init_state
+
     from sftjax.build import build
     from sftjax.parallel.mesh import place_batch
     from sftjax.train.step import make_train_step
-    from sftjax.train.loop import initial_state
 
     setup = build(cfg)
     frozen_before = {k: np.array(v) for k, v in flatten(setup.frozen).items()}
     train_before = {k: np.array(v) for k, v in flatten(setup.trainable).items()}
-    state, tx, sched = initial_state(setup, cfg)
-    batch = place_batch(next(pipeline.file_batches(cfg, setup.tokenizer)), setup.mesh)
+    state, tx, sched = init_state(setup, cfg)
+    batch = place_batch(next(file_batches(cfg, setup.tokenizer)), setup.mesh)
     step = make_train_step(setup.model, tx, sched, 1, False, 0)
     losses = []
     for _ in range(steps):  # the same batch: a trainable prompt must lower its loss
@@ -60,8 +60,8 @@ def test_prompt_tuning_trains_only_the_prompt(tiny_config):
     assert losses[-1] < losses[0], losses
     # The logits are for the real tokens only, and the prompt does change them.
     ids = np.random.default_rng(0).integers(0, 1000, (2, 9)).astype(np.int32)
-    out = np.asarray(setup.model.apply({"params": setup.full_params(state.trainable)}, ids))
-    base = np.asarray(setup.model.apply({"params": setup.frozen}, ids))
+    out = np.asarray(setup.model.apply(setup.full_params(state.trainable), ids))
+    base = np.asarray(setup.model.apply(setup.frozen, ids))
     assert out.shape == base.shape == (2, 9, 49152) and np.abs(out - base).max() > 1e-3
     # Only the virtual tokens train: 4 x 64 parameters.
     assert sum(x.size for x in jax.tree.leaves(state.trainable)) == 256
@@ -78,15 +78,15 @@ def _assert_greedy_matches_full_forward(model, params, n=3):
     for p, g in zip(prompts, got, strict=True):
         seq = list(p)
         for _ in range(n):
-            logits = np.asarray(model.apply({"params": params}, np.asarray([seq], np.int32)))
+            logits = np.asarray(model.apply(params, np.asarray([seq], np.int32)))
             seq.append(int(np.argmax(logits[0, -1])))
         assert list(g) == seq[len(p):], (list(g), seq[len(p):])
 
 
 def test_prompt_tuning_with_lora_names_the_key(tiny_config):
+    from sftjax.config import validate
     from sftjax.errors import UserError
-    from sftjax.build import build
 
     tiny_config.prompt_tuning.method = "prompt"
     with pytest.raises(UserError, match="prompt_tuning.method=prompt: .*lora.enabled=False"):
-        build(tiny_config)
+        validate(tiny_config)

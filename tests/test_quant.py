@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from sftjax.peft import quant
 from sftjax.params import flatten
+from sftjax.peft import quant
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
@@ -31,11 +31,11 @@ def test_dequantisation_error_bound(kind):
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_qlora_step_trains_only_adapters(tiny_config, kind):
-    from sftjax.data import pipeline
+    from helpers import file_batches, init_state
+
     from sftjax.build import build
     from sftjax.parallel.mesh import place_batch
     from sftjax.train.step import make_train_step
-    from sftjax.train.loop import initial_state
 
     cfg = tiny_config
     cfg.model.quantize = kind
@@ -49,16 +49,16 @@ def test_qlora_step_trains_only_adapters(tiny_config, kind):
     # Step 0: the adapted model equals the (dequantised) base; the in-graph dequantisation equals
     # the reference one; and the quantised model stays close to the float one.
     ids = np.random.default_rng(0).integers(0, 1000, (2, 12)).astype(np.int32)
-    q_logits = np.asarray(setup.model.apply({"params": setup.frozen}, ids))
+    q_logits = np.asarray(setup.model.apply(setup.frozen, ids))
     deq = quant.dequantize_tree(setup.frozen)
-    np.testing.assert_allclose(np.asarray(setup.model.apply({"params": deq}, ids)), q_logits, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(setup.model.apply({"params": setup.full_params()}, ids)), q_logits,
+    np.testing.assert_allclose(np.asarray(setup.model.apply(deq, ids)), q_logits, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(setup.model.apply(setup.full_params(), ids)), q_logits,
                                atol=1e-5)
 
     before_frozen = {k: np.array(v) for k, v in frozen.items()}
     before_train = {k: np.array(v) for k, v in flatten(setup.trainable).items()}
-    state, tx, sched = initial_state(setup, cfg)
-    batch = place_batch(next(pipeline.file_batches(cfg, setup.tokenizer)), setup.mesh)
+    state, tx, sched = init_state(setup, cfg)
+    batch = place_batch(next(file_batches(cfg, setup.tokenizer)), setup.mesh)
     step = make_train_step(setup.model, tx, sched, 1, False, 0)
     losses = []
     for _ in range(3):
@@ -77,8 +77,8 @@ def test_qlora_step_trains_only_adapters(tiny_config, kind):
 
 
 def test_quantize_without_a_frozen_base_names_the_key(tiny_config):
-    from sftjax.errors import UserError
     from sftjax.build import build
+    from sftjax.errors import UserError
 
     tiny_config.lora.enabled = False
     tiny_config.model.quantize = "nf4"

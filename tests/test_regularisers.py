@@ -1,24 +1,23 @@
 """NEFTune (embedding noise in training only) and FGM (adversarial embedding perturbation)."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sftjax.train.regularisers import fgm
-from sftjax.models.llama import Llama, neftune_noise
 from sftjax.params import flatten
+from sftjax.peft.adapted import Adapted
+from sftjax.train.regularisers import NEFTune, fgm, neftune_noise
 
 
 def _setup_and_batch(cfg):
-    from sftjax.data import pipeline
+    from helpers import file_batches
+
     from sftjax.build import build
     from sftjax.parallel.mesh import place_batch
 
     setup = build(cfg)
-    batch = place_batch(next(pipeline.file_batches(cfg, setup.tokenizer)), setup.mesh)
+    batch = place_batch(next(file_batches(cfg, setup.tokenizer)), setup.mesh)
     return setup, batch
 
 
@@ -30,24 +29,24 @@ def test_neftune_noise_bound_and_only_in_training(tiny_config):
     cfg = tiny_config
     cfg.train.neftune_alpha = 5.0
     setup, batch = _setup_and_batch(cfg)
-    assert setup.model.rt.neftune_alpha == 5.0
-    plain = Llama(setup.model.cfg, dataclasses.replace(setup.model.rt, neftune_alpha=0.0))
+    assert NEFTune(5.0) in setup.model.transforms
+    plain = Adapted(setup.model.base, tuple(t for t in setup.model.transforms if not isinstance(t, NEFTune)))
     params = setup.full_params()
     ids = batch["input_ids"]
-    eval_logits = np.asarray(setup.model.apply({"params": params}, ids))
-    np.testing.assert_array_equal(eval_logits, np.asarray(plain.apply({"params": params}, ids)))  # off in eval
-    train_logits = np.asarray(setup.model.apply({"params": params}, ids, deterministic=False,
-                                                rngs={"dropout": jax.random.key(1)}))
+    eval_logits = np.asarray(setup.model.apply(params, ids))
+    np.testing.assert_array_equal(eval_logits, np.asarray(plain.apply(params, ids)))  # off in eval
+    train_logits = np.asarray(setup.model.apply(params, ids, rngs={"dropout": jax.random.key(1)}))
     assert np.abs(train_logits - eval_logits).max() > 1e-4  # on in training
-    no_noise = np.asarray(plain.apply({"params": params}, ids, deterministic=False, rngs={"dropout": jax.random.key(1)}))
+    no_noise = np.asarray(plain.apply(params, ids, rngs={"dropout": jax.random.key(1)}))
     np.testing.assert_array_equal(no_noise, eval_logits)
 
     # The real train step with NEFTune (it needs the rng) runs and moves away from the noise-free step.
+    from helpers import init_state
+
     from sftjax.train.step import make_train_step
-    from sftjax.train.loop import initial_state
 
     def one_step(model, rng):
-        state, tx, sched = initial_state(setup, cfg)
+        state, tx, sched = init_state(setup, cfg)
         state = state.replace(trainable=jax.tree.map(jnp.copy, state.trainable))
         state, m = make_train_step(model, tx, sched, 1, rng, 0)(state, setup.frozen, batch)
         return flatten(state.trainable), float(m["loss"])
@@ -59,10 +58,12 @@ def test_neftune_noise_bound_and_only_in_training(tiny_config):
 
 
 def test_fgm_sums_clean_and_adversarial_gradients(tiny_config):
+    from helpers import init_state
+
     from sftjax.train.step import make_train_step, token_stats
-    from sftjax.train.loop import initial_state
 
     cfg = tiny_config
+    cfg.train.fgm_epsilon = 1.0  # the model gets FGM's perturbation hook (EmbedDelta)
     setup, batch = _setup_and_batch(cfg)
     model = setup.model
 
@@ -85,7 +86,7 @@ def test_fgm_sums_clean_and_adversarial_gradients(tiny_config):
 
     # Through the jitted step: FGM changes the (SGD) update; epsilon 0 leaves the step as it was.
     def update(eps):
-        state, _, sched = initial_state(setup, cfg)
+        state, _, sched = init_state(setup, cfg)
         state = state.replace(trainable=jax.tree.map(jnp.copy, train), opt_state=optax.sgd(1.0).init(train))
         step = make_train_step(model, optax.sgd(1.0), sched, 1, False, 0, fgm_epsilon=eps)
         new, m = step(state, setup.frozen, batch)

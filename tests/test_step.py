@@ -4,32 +4,32 @@ import jax
 import numpy as np
 import optax
 import pytest
+from helpers import CountingModel, file_batches, init_state
 
-from sftjax.data import pipeline
-from sftjax.errors import UserError
-from sftjax.params import flatten
 from sftjax.build import build
+from sftjax.errors import UserError
 from sftjax.parallel.mesh import place_batch
+from sftjax.params import flatten
 from sftjax.train.step import make_train_step
-from sftjax.train.loop import initial_state
 
 
 def _steps(cfg, n=2, sgd=False):
     """Trainable params after n steps (and the losses). With sgd, the update is exactly -grad, so
     comparing results compares gradients rather than Adam's sign-like normalised steps."""
     setup = build(cfg)
-    state, tx, sched = initial_state(setup, cfg)
+    state, tx, sched = init_state(setup, cfg)
     if sgd:
         tx = optax.sgd(1.0)
         state = state.replace(opt_state=tx.init(state.trainable))
-    batches = pipeline.file_batches(cfg, setup.tokenizer)
-    fn = make_train_step(setup.model, tx, sched, cfg.train.grad_accum, False, 0,
+    batches = file_batches(cfg, setup.tokenizer)
+    model = CountingModel(setup.model)
+    fn = make_train_step(model, tx, sched, cfg.train.grad_accum, False, 0,
                          jax.tree.map(lambda x: x.sharding, state))
     losses = []
     for _ in range(n):
         state, m = fn(state, setup.frozen, place_batch(next(batches), setup.mesh))
         losses.append(float(m["loss"]))
-    assert fn._cache_size() == 1  # compiled once for all steps
+    assert model.traces == 1  # traced (so compiled) once for all steps
     return {k: np.asarray(v) for k, v in flatten(state.trainable).items()}, losses
 
 

@@ -4,18 +4,19 @@ import os
 
 import jax
 import numpy as np
+from helpers import init_state
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from sftjax.train.checkpoint import Checkpointer
-from sftjax.params import flatten
 from sftjax.build import build
-from sftjax.train.loop import initial_state, run
+from sftjax.params import flatten
+from sftjax.train.checkpoint import Checkpointer
+from sftjax.train.loop import run
 
 
 def _trainable_at(cfg, workdir, step):
     setup = build(cfg)
     ckpt = Checkpointer(workdir, 5)
-    state = ckpt.restore(step, initial_state(setup, cfg)[0])
+    state = ckpt.restore(step, init_state(setup, cfg)[0])
     ckpt.close()
     return {k: np.asarray(v) for k, v in flatten(state.trainable).items()}, state
 
@@ -81,21 +82,22 @@ def test_resume_after_crash_equals_uninterrupted(tiny_config, tmp_path, monkeypa
 
 
 def test_lora_frozen_untouched_and_opt_state_only_for_trainable(tiny_config):
-    from sftjax.data import pipeline
+    from helpers import file_batches
+
     from sftjax.parallel.mesh import place_batch
     from sftjax.train.step import make_train_step
 
     cfg = tiny_config
     setup = build(cfg)
     frozen_before = {k: np.array(v) for k, v in flatten(setup.frozen).items()}
-    state, tx, sched = initial_state(setup, cfg)
+    state, tx, sched = init_state(setup, cfg)
     # Optimizer state: Adam's mu and nu mirror the trainable (adapter) leaves and nothing else.
     n_train = sum(x.size for x in jax.tree.leaves(setup.trainable))
     opt_leaves = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
     assert sum(x.size for x in opt_leaves) == 2 * n_train
     assert all(k.endswith(("lora_a", "lora_b")) for k in flatten(setup.trainable))
 
-    batches = pipeline.file_batches(cfg, setup.tokenizer)
+    batches = file_batches(cfg, setup.tokenizer)
     step = make_train_step(setup.model, tx, sched, 1, False, 0)
     for _ in range(3):
         state, m = step(state, setup.frozen, place_batch(next(batches), setup.mesh))
@@ -122,8 +124,8 @@ def test_sigterm_checkpoints_and_exits_cleanly(tiny_config, tmp_path, monkeypatc
 
     import pytest
 
-    from sftjax.train.metrics import Writer
     from sftjax.train.loop import Interrupted
+    from sftjax.train.metrics import Writer
 
     cfg = tiny_config
     cfg.train.steps = 3

@@ -107,8 +107,6 @@ class RecordFilter:
         if unknown:
             raise UserError(f"data.quality: unknown filter {', '.join(map(repr, unknown))}; "
                             f"known filters: {', '.join(QUALITY)}")
-        if dedup not in ("none", "exact", "near"):
-            raise UserError(f"data.dedup: {dedup!r} is not one of none, exact, near")
         self.dedup, self.threshold, self.name = dedup, threshold, name
         self.quality = [QUALITY[q] for q in dict.fromkeys(quality)]
         # reason -> records removed for it (zeros shown: the filter ran), and the first few `where`s

@@ -41,7 +41,7 @@ def summary(store, name: str) -> str:
 def inspect(cfg, n: int, style: str) -> str:
     """The `sftjax data inspect` report: per-source counts, then `n` examples of each source."""
     from sftjax.data import pipeline
-    from sftjax.io.hf import load_tokenizer
+    from sftjax.io.load import load_tokenizer
 
     tok = load_tokenizer(cfg.model.path)
     data = pipeline.load(cfg, tok)

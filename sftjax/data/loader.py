@@ -14,13 +14,14 @@ is saved in the Orbax step directory; restoring it continues with exactly the ne
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
 import grain
 import numpy as np
 
-from sftjax.data.tokens import TokenStore
+from sftjax.data.tokens import TokenStore, next_token, targets_first
 from sftjax.errors import UserError
 
 FEATURES = ("inputs", "labels", "weights", "source")
@@ -39,8 +40,7 @@ def _features(store: TokenStore, source: int, pad_to: int | None, pad_id: int):
     def get(i):
         ids, tgt = store.example(int(i))
         n = len(ids) - 1
-        out = {"inputs": ids[:-1], "labels": ids[1:], "weights": tgt[1:].astype(np.float32),
-               "source": np.full(n, source, np.int32)}
+        out = {**next_token(ids, tgt), "source": np.full(n, source, np.int32)}
         if pad_to is not None:
             out = {k: np.pad(v, (0, pad_to - n), constant_values=pad_id if k == "inputs" else 0)
                    for k, v in out.items()}
@@ -72,19 +72,6 @@ def _packed_row(row: dict) -> dict:
     seg = row["inputs_segment_ids"]
     return {"input_ids": row["inputs"], "labels": row["labels"], "weights": row["weights"],
             "source": row["source"], "segment_ids": seg, "position_ids": row["inputs_positions"], "valid": seg > 0}
-
-
-def _with_head_positions(slots: int):
-    """Gather the target positions first (see Llama's head_positions): far fewer head matmuls."""
-
-    def fn(batch):
-        pos = np.argsort(batch["weights"] == 0, axis=1, kind="stable")[:, :slots].astype(np.int32)
-        batch["head_positions"] = pos
-        batch["labels"] = np.take_along_axis(batch["labels"], pos, 1)
-        batch["weights"] = np.take_along_axis(batch["weights"], pos, 1)
-        return batch
-
-    return fn
 
 
 def _rename(batch: dict) -> dict:
@@ -121,7 +108,7 @@ def shard_dataset(stores: list[TokenStore], weights: list[float], dcfg, shard: i
             continue
         ds = _mix(streams, ws).batch(local_batch, batch_fn=_stack).map(_rename)
         if head_slots is not None and head_slots <= edge // 2:
-            ds = ds.map(_with_head_positions(head_slots))
+            ds = ds.map(functools.partial(targets_first, slots=head_slots))
         bucket_streams.append(ds)
         bucket_weights.append(sum(ws))
     return _mix(bucket_streams, bucket_weights)

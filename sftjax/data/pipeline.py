@@ -11,18 +11,16 @@ stage removed. Only token ids and masks are kept, so a large file never sits in 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-import grain
 import numpy as np
 
 from sftjax.data import filters, templates
 from sftjax.data.recipes import load_recipe
 from sftjax.data.records import Record, read_records
-from sftjax.data.tokens import StoreBuilder, TokenStore, encode_records
+from sftjax.data.tokens import StoreBuilder, TokenStore, encode_records, next_token, targets_first
 from sftjax.errors import UserError
 
 log = logging.getLogger("sftjax")
@@ -44,19 +42,12 @@ class Examples:
 
     def batch(self, rows) -> dict[str, np.ndarray]:
         """Model inputs and next-token targets for the given example rows."""
-        ids, tgt, valid = self.ids[rows], self.targets[rows], self.valid[rows]
-        batch = {"input_ids": ids[:, :-1], "valid": valid[:, :-1], "labels": ids[:, 1:],
-                 "weights": tgt[:, 1:].astype(np.float32)}
+        feats = next_token(self.ids[rows], self.targets[rows])
+        batch = {"input_ids": feats["inputs"], "valid": self.valid[rows][:, :-1], "labels": feats["labels"],
+                 "weights": feats["weights"]}
         if self.source is not None:
             batch["source"] = np.broadcast_to(self.source[rows][:, None], batch["labels"].shape).astype(np.int32)
-        if self.head_slots is not None:
-            # Input positions whose next token is a target, first; stable so order is kept.
-            pos = np.argsort(~tgt[:, 1:], axis=1, kind="stable")[:, : self.head_slots].astype(np.int32)
-            batch["head_positions"] = pos
-            for k in ("labels", "weights", "source"):
-                if k in batch:
-                    batch[k] = np.take_along_axis(batch[k], pos, 1)
-        return batch
+        return batch if self.head_slots is None else targets_first(batch, self.head_slots)
 
 
 def padded(store: TokenStore, length: int, pad_id: int, source: np.ndarray | None = None) -> Examples:
@@ -83,19 +74,6 @@ def tokenize(records: list[Record], tokenizer, dcfg, name: str) -> Examples:
     """Records -> padded Examples of data.max_length + 1 tokens."""
     store, _ = encode_records(records, tokenizer, dcfg, name)
     return padded(store, dcfg.max_length + 1, tokenizer.pad_token_id)
-
-
-def file_batches(cfg, tokenizer) -> Iterator[dict[str, np.ndarray]]:
-    """Host batches of train.batch_size rows of data.train (a file; no filters or split) at one
-    padded shape, in a seeded order reshuffled every epoch: for tests and tools that drive the
-    step directly rather than through the loader."""
-    d = cfg.data
-    ex = tokenize(list(read_records(d.train, d.format, tuple(d.labels), d.instruction)), tokenizer, d, d.train)
-    if len(ex) < cfg.train.batch_size:
-        raise UserError(f"train.batch_size: {cfg.train.batch_size} is larger than the {len(ex)} examples of {d.train}")
-    order = grain.MapDataset.range(len(ex)).shuffle(seed=d.seed).repeat(None).batch(cfg.train.batch_size,
-                                                                                    drop_remainder=True)
-    return (ex.batch(order[i]) for i in itertools.count())
 
 
 def sources(cfg) -> list[tuple[str, float]]:

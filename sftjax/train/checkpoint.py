@@ -50,3 +50,18 @@ class Checkpointer:
             self.manager.wait_until_finished()
             self.manager.close()
             self.manager = None
+
+
+def latest_trainable(workdir: str, setup, cfg) -> dict:
+    """The trained parameters of `workdir`'s latest checkpoint, sharded like `setup.trainable`."""
+    from sftjax.errors import UserError
+    from sftjax.train.step import init_state
+
+    ckpt = Checkpointer(workdir, cfg.checkpoint.max_to_keep)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise UserError(f"--workdir: no checkpoint in {ckpt.dir}; train first")
+        return ckpt.restore(step, init_state(setup, cfg.optim, cfg.train.steps)[0]).trainable
+    finally:
+        ckpt.close()

@@ -7,7 +7,7 @@ eps 1e-8. Adafactor uses an absolute step size (no parameter-scale multiplicatio
 second moments for matrices with both sides >= 128 and no momentum, so it keeps far less state;
 Lion keeps one moment (half of AdamW's state).
 
-It is built over the *trainable* subtree only, so frozen parameters hold no optimizer state at
+Option names are checked once, by `config.validate`. It is built over the *trainable* subtree only, so frozen parameters hold no optimizer state at
 all (and receive no gradients: `step.py` differentiates only the trainable subtree).
 """
 
@@ -18,7 +18,6 @@ from collections.abc import Mapping
 
 import optax
 
-from sftjax.errors import UserError
 from sftjax.params import mask_tree
 
 
@@ -32,10 +31,8 @@ def schedule(cfg, total_steps: int) -> optax.Schedule:
         after = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.min_lr_ratio)
     elif cfg.schedule == "linear":
         after = optax.linear_schedule(peak, end, decay_steps)
-    elif cfg.schedule == "constant":
+    else:  # constant
         after = optax.constant_schedule(peak)
-    else:
-        raise UserError(f"optim.schedule: {cfg.schedule!r} is not one of cosine, linear, constant")
     if warmup == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
@@ -50,12 +47,10 @@ def make_optimizer(cfg, trainable: Mapping, total_steps: int) -> tuple[optax.Gra
         opt = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay)
     elif cfg.name == "lion":
         opt = optax.lion(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay)
-    elif cfg.name == "adafactor":
+    else:  # adafactor
         # optax adds Adafactor's decay after the learning rate: scale it by the schedule ourselves.
         opt = optax.adafactor(sched, multiply_by_parameter_scale=False,
                               weight_decay_rate=lambda step: cfg.weight_decay * sched(step),
                               weight_decay_mask=decay)
-    else:
-        raise UserError(f"optim.name: {cfg.name!r} is not one of adamw, adafactor, lion")
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity(), opt)
     return tx, sched

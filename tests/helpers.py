@@ -1,0 +1,59 @@
+"""Test-only helpers: ways to drive the library that a real run does not need."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import grain
+import numpy as np
+
+from sftjax.data.pipeline import tokenize
+from sftjax.data.records import Record, read_records
+
+
+def read_list(path: str, fmt: str = "auto") -> list[Record]:
+    """All records of a source as a list."""
+    return list(read_records(path, fmt))
+
+
+def file_batches(cfg, tokenizer) -> Iterator[dict[str, np.ndarray]]:
+    """Host batches of train.batch_size rows of data.train (a file; no filters or split) at one
+    padded shape, in a seeded order reshuffled every epoch, for tests that drive the step directly
+    rather than through the loader."""
+    d = cfg.data
+    ex = tokenize(list(read_records(d.train, d.format, tuple(d.labels), d.instruction)), tokenizer, d, d.train)
+    assert len(ex) >= cfg.train.batch_size, (len(ex), cfg.train.batch_size)
+    order = grain.MapDataset.range(len(ex)).shuffle(seed=d.seed).repeat(None).batch(cfg.train.batch_size,
+                                                                                    drop_remainder=True)
+    return (ex.batch(order[i]) for i in itertools.count())
+
+
+def first_batch(setup, cfg) -> dict:
+    """The first batch of `file_batches`, placed on the setup's mesh."""
+    from sftjax.parallel.mesh import place_batch
+
+    return place_batch(next(file_batches(cfg, setup.tokenizer)), setup.mesh)
+
+
+def init_state(setup, cfg):
+    """(state, optimizer, schedule) at step 0 for a config, as a run starts."""
+    from sftjax.train.step import init_state as init
+
+    return init(setup, cfg.optim, cfg.train.steps)
+
+
+class CountingModel:
+    """Wraps a model and counts how often it is traced: a jitted step that calls `apply` once per
+    trace has compiled exactly `traces` times."""
+
+    def __init__(self, model):
+        self.model, self.traces = model, 0
+
+    @property
+    def cfg(self):
+        return self.model.cfg
+
+    def apply(self, *args, **kwargs):
+        self.traces += 1
+        return self.model.apply(*args, **kwargs)
