@@ -34,3 +34,19 @@ def test_stops_at_eos(tiny_config):
     first = int(np.argmax(free == eos))
     stopped = greedy(setup.model, setup.frozen, [prompt], 6, eos_id=eos)[0]
     assert stopped.tolist() == free[: first + 1].tolist()
+
+
+def test_second_call_with_the_same_shapes_compiles_nothing(tiny_config):
+    from sftjax.build import build
+    from sftjax.infer.generate import generator
+
+    setup = build(tiny_config)
+    gen = generator(setup.model)
+    assert generator(setup.model) is gen  # one per model
+    prompts = [np.arange(3, 9, dtype=np.int32), np.arange(20, 23, dtype=np.int32)]
+    first = greedy(setup.model, setup.full_params(), prompts, 5, eos_id=None)
+    traced = gen.traces
+    assert traced == 2  # the prompt (prefill) and the one-token step
+    again = greedy(setup.model, setup.full_params(), [p + 1 for p in prompts], 5, eos_id=None)
+    assert gen.traces == traced  # same shapes: nothing traced, so nothing compiled
+    assert len(again) == len(first) == 2

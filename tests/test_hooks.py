@@ -1,0 +1,145 @@
+"""The training loop and each of its hooks alone, with stand-ins for the step, data and writers."""
+
+import os
+import signal
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from sftjax.errors import UserError
+from sftjax.train import hooks as H
+from sftjax.train.loop import Interrupted, Loop
+
+
+class Recorder(H.Hook):
+    def __init__(self, log):
+        self.log = log
+
+    def start(self, loop, state):
+        self.log.append(("start", loop.start, state))
+
+    def after_step(self, loop, done, state, metrics, batch):
+        self.log.append(("after_step", done, state))
+
+    def end(self, loop, state):
+        self.log.append(("end", state))
+
+    def close(self):
+        self.log.append(("close",))
+
+
+class FakeWriter:
+    def __init__(self):
+        self.scalars_at, self.texts = [], []
+
+    def scalars(self, step, values, prefix=""):
+        self.scalars_at.append((step, prefix, dict(values)))
+
+    def text(self, step, tag, text):
+        self.texts.append((step, tag, text))
+
+
+def _loop(hooks, steps=3, start=0, step_fn=None):
+    batches = iter(lambda: {"valid": np.ones((2, 4), bool)}, None)
+    step_fn = step_fn or (lambda state, frozen, batch: (state + 1, {"loss": np.float32(1.0), "lr": np.float32(0.1)}))
+    loop = Loop(step_fn, None, batches, None, steps, hooks, start=start, results={"before": {}})
+    return loop
+
+
+@pytest.fixture(autouse=True)
+def _no_device_placement(monkeypatch):
+    monkeypatch.setattr("sftjax.train.loop.place_batch", lambda batch, mesh, local: batch)
+
+
+def test_loop_calls_hooks_in_order_and_closes_them():
+    log = []
+    loop = _loop([Recorder(log)], steps=3, start=1)
+    assert loop.run(10) == 12
+    assert log == [("start", 1, 10), ("after_step", 2, 11), ("after_step", 3, 12), ("end", 12), ("close",)]
+    assert loop.results["after"] == {"step": 3}
+
+
+def test_loop_closes_hooks_on_error_and_skips_end():
+    log = []
+
+    def boom(state, frozen, batch):
+        raise RuntimeError("step failed")
+
+    with pytest.raises(RuntimeError):
+        _loop([Recorder(log)], step_fn=boom).run(0)
+    assert log == [("start", 0, 0), ("close",)]
+
+
+def test_signal_finishes_the_step_lets_hooks_save_then_raises():
+    saved = []
+
+    class Save(H.Hook):
+        def after_step(self, loop, done, state, metrics, batch):
+            if done == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives during the loop, handled as a request
+            if loop.stopping:
+                saved.append(done)
+
+    with pytest.raises(Interrupted, match="after step 2"):
+        _loop([Save()], steps=5).run(0)
+    assert saved == [2]  # the flag is read after the step that was running when it arrived
+
+
+def test_checkpoint_hook_every_n_at_end_and_on_stop():
+    saves = []
+    ckpt = SimpleNamespace(save=lambda step, state, data: saves.append(step))
+    hook = H.Checkpoint(ckpt, every=2, loader="L")
+    loop = SimpleNamespace(steps=5, stopping=False)
+    for done in range(1, 6):
+        hook.after_step(loop, done, None, None, None)
+    assert saves == [2, 4, 5]
+    loop.stopping = True
+    hook.after_step(loop, 1, None, None, None)
+    assert saves[-1] == 1
+
+
+def test_evaluate_hook_before_every_and_after():
+    evals, writer = [], FakeWriter()
+    hook = H.Evaluate(lambda trainable: evals.append(trainable) or {"loss": 1.0}, every=2, writer=writer)
+    state = SimpleNamespace(trainable="T")
+    loop = SimpleNamespace(start=0, steps=4, results={"before": {}, "after": {}})
+    hook.start(loop, state)
+    for done in range(1, 5):
+        hook.after_step(loop, done, state, None, None)
+    hook.end(loop, state)
+    # before, step 2 (step 4 is the last: the end evaluates it), after
+    assert [s for s, _, _ in writer.scalars_at] == [0, 2, 4]
+    assert loop.results["before"]["eval"] == loop.results["after"]["eval"] == {"loss": 1.0}
+    resumed = SimpleNamespace(start=3, steps=4, results={})
+    hook.start(resumed, state)  # a resumed run does not evaluate "before" again
+    assert "before" not in resumed.results
+
+
+def test_log_metrics_every_n_with_throughput_and_nonfinite_check():
+    writer = FakeWriter()
+    hook = H.LogMetrics(every=2, writer=writer, names=["a"], last_checkpoint=lambda: 2)
+    loop = SimpleNamespace(start=0, steps=3, results={})
+    hook.start(loop, None)
+    batch = {"valid": np.array([[True, True, False, False]])}
+    metrics = {"loss": np.float32(0.5), "lr": np.float32(1e-3)}
+    for done in (1, 2, 3):
+        hook.after_step(loop, done, None, metrics, batch)
+    assert [s for s, _, _ in writer.scalars_at] == [2, 3]  # every 2 and the last step
+    assert loop.results["nonpad_fraction"] == 0.5 and loop.results["train_tokens_per_sec"] > 0
+    assert "tokens_per_sec" in writer.scalars_at[0][2]  # after the compile step
+    with pytest.raises(UserError, match="the loss is nan at step 4; .* the last checkpoint is step 2"):
+        hook.after_step(SimpleNamespace(steps=4, results={}), 4, None, {"loss": np.float32("nan"), "lr": 0.0}, batch)
+    hook.close()
+
+
+def test_samples_hook_generates_before_and_after(monkeypatch):
+    calls = []
+    monkeypatch.setattr(H, "samples", lambda setup, trainable, convs, n: calls.append(trainable) or ["reply"])
+    writer = FakeWriter()
+    hook = H.Samples(None, [[{"role": "user", "content": "hi"}]], 8, writer)
+    loop = SimpleNamespace(start=0, steps=2, results={"before": {}, "after": {}})
+    hook.start(loop, SimpleNamespace(trainable="before"))
+    hook.end(loop, SimpleNamespace(trainable="after"))
+    assert calls == ["before", "after"] and loop.results["sample_prompts"] == ["hi"]
+    assert writer.texts == [(2, "samples/0", "**prompt** hi\n\n**before** reply\n\n**after** reply")]
