@@ -177,6 +177,12 @@ def validate(cfg: ConfigDict) -> None:
             raise UserError(f"train.{key}: must be >= 0 (0 turns it off), got {cfg.train[key]}")
     if not 0 <= cfg.lora.dropout < 1:
         raise UserError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    from sftjax.data.filters import QUALITY
+
+    unknown = [q for q in cfg.data.quality if q not in QUALITY]
+    if unknown:
+        raise UserError(f"data.quality: unknown filter {', '.join(map(repr, unknown))}; "
+                        f"known filters: {', '.join(QUALITY)}")
     _validate_trainable(cfg)
 
 

@@ -102,10 +102,15 @@ def test_near_dedup_keeps_the_first_of_each_cluster_in_order():
 
 
 def test_unknown_filter_names_the_key_and_the_known_filters():
+    from sftjax.config import base_config, validate
+
+    cfg = base_config()
+    cfg.data.quality = ("empty", "lenght")
     with pytest.raises(UserError, match=r"data\.quality: unknown filter 'lenght'.*empty, repetition"):
-        run([chat("a", "Paris.")], quality=("empty", "lenght"))
-    with pytest.raises(UserError, match=r"data\.dedup"):
-        run([chat("a", "Paris.")], dedup="fuzzy")
+        validate(cfg)
+    cfg.data.quality, cfg.data.dedup = ("empty",), "fuzzy"
+    with pytest.raises(UserError, match=r"data\.dedup: 'fuzzy' is not one of none, exact, near"):
+        validate(cfg)
 
 
 def test_repetition_never_fires_on_normal_text():

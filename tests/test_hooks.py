@@ -81,16 +81,16 @@ def test_signal_finishes_the_step_lets_hooks_save_then_raises():
             if loop.stopping:
                 saved.append(done)
 
-    with pytest.raises(Interrupted, match="after step 2"):
+    with pytest.raises(Interrupted, match="after step 1"):
         _loop([Save()], steps=5).run(0)
-    assert saved == [2]  # the flag is read after the step that was running when it arrived
+    assert saved == [1]  # hooks acting after the signal (e.g. Checkpoint) see it in the same step
 
 
 def test_checkpoint_hook_every_n_at_end_and_on_stop():
     saves = []
     ckpt = SimpleNamespace(save=lambda step, state, data: saves.append(step))
     hook = H.Checkpoint(ckpt, every=2, loader="L")
-    loop = SimpleNamespace(steps=5, stopping=False)
+    loop = SimpleNamespace(steps=5, stopping=False)  # Loop.stopping, as hooks see it
     for done in range(1, 6):
         hook.after_step(loop, done, None, None, None)
     assert saves == [2, 4, 5]

@@ -44,10 +44,11 @@ def test_logits_match_transformers_on_padded_batch(both):
 
 def test_greedy_generation_matches_transformers(both):
     from sftjax.infer.generate import greedy
+    from sftjax.peft.adapted import Adapted
 
     model, params, tok, ref = both
     prompts = [np.asarray(tok(p)["input_ids"], np.int32) for p in PROMPTS[:2]]
-    ours = greedy(model, params, prompts, 16, eos_id=None, pad_id=tok.pad_token_id)
+    ours = greedy(Adapted(model), params, prompts, 16, eos_id=None, pad_id=tok.pad_token_id)
     for p, o in zip(prompts, ours, strict=True):
         with torch.no_grad():
             theirs = ref.generate(torch.tensor(p[None]), max_new_tokens=16, do_sample=False,

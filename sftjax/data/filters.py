@@ -20,7 +20,6 @@ from collections.abc import Callable
 from datasketch import MinHash, MinHashLSH
 
 from sftjax.data.records import Record
-from sftjax.errors import UserError
 
 log = logging.getLogger("sftjax")
 
@@ -103,10 +102,6 @@ class RecordFilter:
     """
 
     def __init__(self, dedup: str, threshold: float, quality: tuple[str, ...], name: str):
-        unknown = [q for q in quality if q not in QUALITY]
-        if unknown:
-            raise UserError(f"data.quality: unknown filter {', '.join(map(repr, unknown))}; "
-                            f"known filters: {', '.join(QUALITY)}")
         self.dedup, self.threshold, self.name = dedup, threshold, name
         self.quality = [QUALITY[q] for q in dict.fromkeys(quality)]
         # reason -> records removed for it (zeros shown: the filter ran), and the first few `where`s

@@ -72,22 +72,28 @@ class Loop:
     hooks: list[H.Hook]
     start: int = 0
     results: dict = field(default_factory=dict)  # hooks record what a run reports here
-    stopping: bool = False  # a signal asked to stop: hooks save what they must after this step
+    _stop: StopRequest | None = None
+
+    @property
+    def stopping(self) -> bool:
+        """A signal asked to stop: hooks save what they must; the loop ends after this step."""
+        return self._stop is not None and self._stop.signal is not None
 
     def run(self, state):
         try:
             for h in self.hooks:
                 h.start(self, state)
             with StopRequest() as stop:
+                self._stop = stop
                 for step in range(self.start, self.steps):
                     batch = next(self.loader)
                     state, metrics = self.step_fn(state, self.frozen, place_batch(batch, self.mesh, local=True))
-                    self.stopping = stop.signal is not None
                     for h in self.hooks:
                         h.after_step(self, step + 1, state, metrics, batch)
                     if self.stopping:
                         raise Interrupted(f"stopped by signal {stop.signal} after step {step + 1}; checkpoint "
                                           "saved. Run the same command again to resume.")
+            self._stop = None
             self.results["after"] = {"step": self.steps}
             for h in self.hooks:
                 h.end(self, state)
