@@ -8,13 +8,20 @@ from collections.abc import Iterator
 import grain
 import numpy as np
 
-from sftjax.data.pipeline import tokenize
+from sftjax.data.pipeline import Examples, padded
 from sftjax.data.records import Record, read_records
+from sftjax.data.tokens import encode_records
 
 
 def read_list(path: str, fmt: str = "auto") -> list[Record]:
     """All records of a source as a list."""
     return list(read_records(path, fmt))
+
+
+def tokenize(records: list[Record], tokenizer, dcfg, name: str) -> Examples:
+    """Records -> padded Examples of data.max_length + 1 tokens (no filters, no split)."""
+    store, _ = encode_records(records, tokenizer, dcfg, name)
+    return padded(store, dcfg.max_length + 1, tokenizer.pad_token_id)
 
 
 def file_batches(cfg, tokenizer) -> Iterator[dict[str, np.ndarray]]:

@@ -69,7 +69,7 @@ def test_non_utf8_line(tmp_path):
 
 
 def test_batches_shift_targets_and_gather_target_slots(smol_tokenizer):
-    from sftjax.data.pipeline import tokenize
+    from helpers import tokenize
 
     recs = [Record(f"r:{i}", ({"role": "user", "content": f"Question {i}?"},
                               {"role": "assistant", "content": "Yes."})) for i in range(4)]

@@ -70,12 +70,6 @@ def head_slots(stores: list[TokenStore], length: int) -> int | None:
     return slots if slots <= length // 2 else None
 
 
-def tokenize(records: list[Record], tokenizer, dcfg, name: str) -> Examples:
-    """Records -> padded Examples of data.max_length + 1 tokens."""
-    store, _ = encode_records(records, tokenizer, dcfg, name)
-    return padded(store, dcfg.max_length + 1, tokenizer.pad_token_id)
-
-
 def sources(cfg) -> list[tuple[str, float]]:
     """(source, weight) pairs from data.mixture, or data.train with weight 1."""
     d = cfg.data

@@ -18,6 +18,19 @@ from sftjax.params import flatten, unflatten
 
 STACKED = "layers/"
 UNROLLED = re.compile(r"^layers_(\d+)/(.*)$")
+LAYER = r"^layers(_\d+)?/"  # any decoder-layer path, in either layout
+
+
+def unrolled_pattern(layers) -> str:
+    """A path regex for the given layer numbers in the unrolled layout."""
+    return rf"^layers_({'|'.join(str(i) for i in layers)})/"
+
+
+def per_layer(stacked, scan_layers: bool) -> dict:
+    """A value stacked over layers [L, ...] -> {layer subtree name: its value} in either layout."""
+    if scan_layers:
+        return {STACKED[:-1]: stacked}
+    return {f"layers_{i}": stacked[i] for i in range(len(stacked))}
 
 
 def unstack(params: Mapping, num_layers: int) -> dict:

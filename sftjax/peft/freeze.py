@@ -9,6 +9,7 @@ then the regex `^layers_(L-N|..|L-1)/`.
 from __future__ import annotations
 
 from sftjax.errors import UserError
+from sftjax.models.layout import unrolled_pattern
 
 
 def head_patterns(tied: bool) -> list[str]:
@@ -28,6 +29,5 @@ def trainable_patterns(train_cfg, num_layers: int, tied: bool) -> list[str]:
         n = int(train_cfg.last_layers)
         if not 0 < n <= num_layers:
             raise UserError(f"train.last_layers: must be in 1..{num_layers} (the model's layer count), got {n}")
-        layers = "|".join(str(i) for i in range(num_layers - n, num_layers))
-        return [rf"^layers_({layers})/"] + head_patterns(tied)
+        return [unrolled_pattern(range(num_layers - n, num_layers))] + head_patterns(tied)
     return list(train_cfg.trainable)  # regex

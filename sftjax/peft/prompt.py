@@ -23,7 +23,7 @@ import numpy as np
 
 from sftjax.errors import UserError
 from sftjax.models.layers import Embed
-from sftjax.models.layout import STACKED
+from sftjax.models.layout import STACKED, per_layer
 from sftjax.models.llama import Attention, LlamaConfig, init_cache
 from sftjax.params import flatten, unflatten
 from sftjax.peft.adapted import Transform, hook
@@ -36,13 +36,11 @@ def init(method: str, base: Mapping, mcfg: LlamaConfig, length: int, seed: int, 
         emb = np.asarray(flatten(base)["embed_tokens/embedding"])
         ids = rng.integers(0, emb.shape[0], length)
         return {"prompt_embedding": emb[ids].astype(np.float32)}
-    shape = (length, mcfg.num_key_value_heads, mcfg.dim_per_head)
+    shape = (mcfg.num_hidden_layers, length, mcfg.num_key_value_heads, mcfg.dim_per_head)
     out = {}
-    layers = ["layers"] if scan_layers else [f"layers_{i}" for i in range(mcfg.num_hidden_layers)]
-    lead = (mcfg.num_hidden_layers,) if scan_layers else ()
-    for name in layers:
-        for leaf in ("prefix_k", "prefix_v"):
-            out[f"{name}/self_attn/{leaf}"] = (0.02 * rng.standard_normal((*lead, *shape))).astype(np.float32)
+    for leaf in ("prefix_k", "prefix_v"):
+        values = (0.02 * rng.standard_normal(shape)).astype(np.float32)
+        out |= {f"{name}/self_attn/{leaf}": v for name, v in per_layer(values, scan_layers).items()}
     return unflatten(out)
 
 
@@ -88,12 +86,9 @@ class Prompt(Prefix):
             _, cache = model.apply(unflatten(flat), jnp.zeros((1, n), jnp.int32), jnp.ones((1, n), bool),
                                    jnp.arange(-n, 0)[None], head_positions=jnp.zeros((1, 1), jnp.int32),
                                    cache=init_cache(model.cfg, 1, n), cache_index=0)
-        k, v = cache["k"][:, 0], cache["v"][:, 0]  # [L, P, kv, hd]
-        if any(p.startswith(STACKED) for p in flat):
-            flat |= {"layers/self_attn/prefix_k": k, "layers/self_attn/prefix_v": v}
-        else:
-            for i in range(model.cfg.num_hidden_layers):
-                flat |= {f"layers_{i}/self_attn/prefix_k": k[i], f"layers_{i}/self_attn/prefix_v": v[i]}
+        scan = any(p.startswith(STACKED) for p in flat)
+        for leaf, stacked in (("prefix_k", cache["k"][:, 0]), ("prefix_v", cache["v"][:, 0])):  # [L, P, kv, hd]
+            flat |= {f"{name}/self_attn/{leaf}": v for name, v in per_layer(stacked, scan).items()}
         return unflatten(flat)
 
     def fold(self, params: Mapping) -> Mapping:

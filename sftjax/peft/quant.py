@@ -21,6 +21,7 @@ import numpy as np
 
 from sftjax.errors import UserError
 from sftjax.models.layers import Dense, dot
+from sftjax.models.layout import LAYER
 from sftjax.params import flatten, unflatten
 from sftjax.peft.adapted import Transform, hook
 
@@ -32,7 +33,7 @@ NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981
                 0.7229568362236023, 1.0], np.float32)
 KINDS = ("nf4", "int8")
 # Frozen decoder-layer kernels (stacked or unrolled); embeddings and the head stay as they are.
-LAYER_KERNEL = re.compile(r"^layers(_\d+)?/.*/kernel$")
+LAYER_KERNEL = re.compile(LAYER + r".*/kernel$")
 
 
 def quantize(w: np.ndarray, kind: str) -> dict[str, np.ndarray]:
