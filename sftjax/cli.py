@@ -1,4 +1,4 @@
-"""`sftjax train|generate|export|convert`: parse, load the config, dispatch. Thin on purpose.
+"""`sftjax train|data|generate|export|convert`: parse, load the config, dispatch. Thin on purpose.
 
 User mistakes (UserError) print one `error: ...` line and exit with status 2, no traceback.
 """

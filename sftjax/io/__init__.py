@@ -1,0 +1,1 @@
+"""Weights in and out: HF safetensors folders, GGUF files, the embedded default model."""

@@ -1,0 +1,1 @@
+"""Scale: the device mesh, logical-axis sharding rules, batch placement, multi-process start."""
