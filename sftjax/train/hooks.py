@@ -52,13 +52,14 @@ class LogMetrics(Hook):
         self.bar = None
 
     def start(self, loop, state):
-        self.bar = tqdm(total=loop.steps, initial=loop.start, desc="train", disable=jax.process_index() != 0,
-                        dynamic_ncols=True)
         self.t_last, self.tok_since, self.compiled_at = time.perf_counter(), 0, None
         self.run_tokens, self.run_secs = 0, 0.0
         self.real, self.slots = 0, 0  # non-pad and total positions: packing / bucketing efficiency
 
     def after_step(self, loop, done, state, metrics, batch):
+        if self.bar is None:  # made at the first step, so it follows what other hooks print at start
+            self.bar = tqdm(total=loop.steps, initial=done - 1, desc="train", disable=jax.process_index() != 0,
+                            dynamic_ncols=True)
         self.bar.update(1)
         n_real = int(batch["valid"].sum()) * jax.process_count()
         self.tok_since += n_real
