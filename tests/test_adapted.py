@@ -51,3 +51,19 @@ def test_a_new_method_plugs_in_by_the_tree_alone(tiny_config):
     # It trains: the gradient reaches the new leaf through the jitted model.
     grad = jax.jit(jax.grad(lambda s: model.apply(merge(base, s), ids).sum()))(scales)
     assert float(jnp.abs(flatten(grad)["layers/mlp/up_proj/ia3"]).max()) > 0
+
+
+def test_models_import_only_architecture_code():
+    """models/ may use its own modules, the error type and param-tree paths; never PEFT, training, data or IO."""
+    import ast
+    import pathlib
+
+    import sftjax.models
+
+    allowed = ("sftjax.models", "sftjax.errors", "sftjax.params")
+    for path in pathlib.Path(sftjax.models.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            for name in names:
+                assert not name.startswith("sftjax") or name.startswith(allowed), f"{path.name} imports {name}"

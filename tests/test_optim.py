@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import first_batch
 
 from sftjax.config import base_config, validate
 from sftjax.errors import UserError
@@ -51,15 +52,14 @@ def test_state_size_and_masked_weight_decay(name):
 def test_optimizers_train_the_tiny_model(tiny_config):
     """Every optimizer runs the real step on a frozen-base LoRA model; loss goes down; state is
     built over the trainable subtree only (adapters), so frozen leaves hold none."""
-    from helpers import file_batches, init_state
+    from helpers import init_state
 
     from sftjax.build import build
-    from sftjax.parallel.mesh import place_batch
     from sftjax.train.step import make_train_step
 
     cfg = tiny_config
     setup = build(cfg)
-    batch = place_batch(next(file_batches(cfg, setup.tokenizer)), setup.mesh)
+    batch = first_batch(setup, cfg)
     init = setup.trainable
     for name, lr in (("adamw", 1e-2), ("adafactor", 1e-2), ("lion", 1e-3)):
         cfg.optim.name, cfg.optim.lr = name, lr

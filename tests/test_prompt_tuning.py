@@ -3,22 +3,22 @@
 import jax
 import numpy as np
 import pytest
+from helpers import first_batch
 
 from sftjax.params import flatten
 
 
 def _train(cfg, steps=4):
-    from helpers import file_batches, init_state
+    from helpers import init_state
 
     from sftjax.build import build
-    from sftjax.parallel.mesh import place_batch
     from sftjax.train.step import make_train_step
 
     setup = build(cfg)
     frozen_before = {k: np.array(v) for k, v in flatten(setup.frozen).items()}
     train_before = {k: np.array(v) for k, v in flatten(setup.trainable).items()}
     state, tx, sched = init_state(setup, cfg)
-    batch = place_batch(next(file_batches(cfg, setup.tokenizer)), setup.mesh)
+    batch = first_batch(setup, cfg)
     step = make_train_step(setup.model, tx, sched, 1, False, 0)
     losses = []
     for _ in range(steps):  # the same batch: a trainable prompt must lower its loss

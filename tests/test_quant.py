@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from helpers import first_batch
 
 from sftjax.params import flatten
 from sftjax.peft import quant
@@ -31,10 +32,9 @@ def test_dequantisation_error_bound(kind):
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_qlora_step_trains_only_adapters(tiny_config, kind):
-    from helpers import file_batches, init_state
+    from helpers import init_state
 
     from sftjax.build import build
-    from sftjax.parallel.mesh import place_batch
     from sftjax.train.step import make_train_step
 
     cfg = tiny_config
@@ -58,7 +58,7 @@ def test_qlora_step_trains_only_adapters(tiny_config, kind):
     before_frozen = {k: np.array(v) for k, v in frozen.items()}
     before_train = {k: np.array(v) for k, v in flatten(setup.trainable).items()}
     state, tx, sched = init_state(setup, cfg)
-    batch = place_batch(next(file_batches(cfg, setup.tokenizer)), setup.mesh)
+    batch = first_batch(setup, cfg)
     step = make_train_step(setup.model, tx, sched, 1, False, 0)
     losses = []
     for _ in range(3):

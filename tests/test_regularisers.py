@@ -11,13 +11,12 @@ from sftjax.train.regularisers import NEFTune, fgm, neftune_noise
 
 
 def _setup_and_batch(cfg):
-    from helpers import file_batches
+    from helpers import first_batch
 
     from sftjax.build import build
-    from sftjax.parallel.mesh import place_batch
 
     setup = build(cfg)
-    batch = place_batch(next(file_batches(cfg, setup.tokenizer)), setup.mesh)
+    batch = first_batch(setup, cfg)
     return setup, batch
 
 
