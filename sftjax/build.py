@@ -86,21 +86,16 @@ def split(cfg, base: dict, mcfg: LlamaConfig) -> tuple[dict, dict]:
 
 
 def logical_axes(model: Adapted, trees: list[dict]) -> dict:
-    """Logical axes of every leaf of `trees`: the model's own for base leaves; adapters and
-    quantised kernels derive theirs from their kernel's; prompt/prefix leaves are unsharded."""
+    """Logical axes of every leaf of `trees`: the model's own for base leaves, the transform's that
+    added it for any other (a leaf nobody claims has none, and placing it raises naming it)."""
     base = P.flatten(sharding.logical_axes(model.base, np.zeros((1, 8), np.int32)))
     out = {}
     for path, x in P.flatten(P.merge(*trees)).items():
-        mod, _, leaf = path.rpartition("/")
-        if path in base:
-            out[path] = base[path]
-        elif leaf.startswith("lora_"):
-            out[path] = lora.adapter_axes(base[f"{mod}/kernel"])[leaf]
-        elif leaf.startswith("kernel_"):
-            qa = quant.quantized_axes(base[f"{mod}/kernel"])
-            out[path] = qa["kernel_absmax"] if leaf == "kernel_absmax" else qa["codes"]
-        elif leaf.startswith(("prefix_", "prompt_")):
-            out[path] = (None,) * np.ndim(x)
+        axes = base.get(path)
+        for t in model.transforms:
+            axes = axes if axes is not None else t.axes(path, np.ndim(x), base)
+        if axes is not None:
+            out[path] = axes
     return P.unflatten(out)
 
 

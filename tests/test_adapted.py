@@ -28,6 +28,10 @@ class IA3(Transform):
             flat[f"{mod}/kernel"] = flat[f"{mod}/kernel"] * flat.pop(path)[..., None, :]
         return unflatten(flat)
 
+    def axes(self, path, ndim, base):
+        mod, _, leaf = path.rpartition("/")
+        return base[f"{mod}/kernel"][:-2] + base[f"{mod}/kernel"][-1:] if leaf == "ia3" else None
+
 
 def test_a_new_method_plugs_in_by_the_tree_alone(tiny_config):
     from sftjax.build import build
@@ -48,6 +52,13 @@ def test_a_new_method_plugs_in_by_the_tree_alone(tiny_config):
     assert np.abs(adapted - plain).max() > 1e-3
     folded = model.fold(merge(base, scales))
     np.testing.assert_allclose(np.asarray(setup.model.apply(folded, ids)), adapted, atol=2e-5)
+    # Its leaves shard like the kernel's outputs: the transform names their logical axes.
+    from sftjax.build import logical_axes
+
+    axes = flatten(logical_axes(model, [scales, base]))
+    assert axes["layers/mlp/up_proj/ia3"] == ("layers", "mlp")
+    assert axes["layers/mlp/up_proj/kernel"] == ("layers", "embed", "mlp")
+    assert "layers/mlp/up_proj/ia3" not in flatten(logical_axes(setup.model, [scales, base]))  # nobody claims it
     # It trains: the gradient reaches the new leaf through the jitted model.
     grad = jax.jit(jax.grad(lambda s: model.apply(merge(base, s), ids).sum()))(scales)
     assert float(jnp.abs(flatten(grad)["layers/mlp/up_proj/ia3"]).max()) > 0

@@ -6,7 +6,8 @@ A `Transform` (a PEFT method or an input transform) may
 2. `intercept` the model's hook points (a Flax method interceptor; the hook points are listed in
    `sftjax/models/layers.py`), reading its own leaves from the intercepted module's params, so the
    tree alone decides which layers it touches (a `Dense` with `lora_a`/`lora_b` gets LoRA),
-3. `fold` its leaves back into plain base weights for a merged export (or refuse to).
+3. `fold` its leaves back into plain base weights for a merged export (or refuse to),
+4. name the logical `axes` of the leaves it adds, so they shard like the rest of the tree.
 
 `Adapted.apply(params, ...)` runs the model with every transform in place; train step, evaluation,
 generation and export all go through it. Adding a method means writing one Transform and naming
@@ -33,6 +34,11 @@ class Transform:
 
     def fold(self, params: Mapping) -> Mapping:
         return params
+
+    def axes(self, path: str, ndim: int, base: Mapping[str, tuple]) -> tuple | None:
+        """Logical axes of the leaf at `path` if this transform put it in the tree (`base`: the
+        model's own leaves' axes by path), else None."""
+        return None
 
 
 def hook(context, module_type: type, method: str = "__call__") -> bool:

@@ -125,12 +125,6 @@ def unmerge(merged: Mapping, adapters: Mapping, alpha: float, rslora: bool = Fal
     return unflatten(out)
 
 
-def adapter_axes(kernel_axes: tuple) -> dict[str, tuple]:
-    """Logical axes of each adapter leaf from its kernel's axes: the rank dimension is never sharded."""
-    *lead, fan_in, fan_out = kernel_axes
-    return {"lora_a": (*lead, fan_in, None), "lora_b": (*lead, None, fan_out), "lora_magnitude": (*lead, fan_out)}
-
-
 @dataclass(frozen=True)
 class LoRA(Transform):
     """y = W x + s * B A x (+ DoRA's rescaling) in every `Dense` that holds adapters.
@@ -170,3 +164,12 @@ class LoRA(Transform):
 
     def fold(self, params: Mapping) -> dict:
         return merge(params, self.alpha, self.rslora)
+
+    def axes(self, path: str, ndim: int, base: Mapping[str, tuple]) -> tuple | None:
+        """From the kernel's axes; the rank dimension is never sharded."""
+        mod, _, leaf = path.rpartition("/")
+        if "/" + leaf not in ADAPTER_LEAVES:
+            return None
+        *lead, fan_in, fan_out = base[f"{mod}/kernel"]
+        return {"lora_a": (*lead, fan_in, None), "lora_b": (*lead, None, fan_out),
+                "lora_magnitude": (*lead, fan_out)}[leaf]

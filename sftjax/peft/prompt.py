@@ -44,13 +44,10 @@ def init(method: str, base: Mapping, mcfg: LlamaConfig, length: int, seed: int, 
     return unflatten(out)
 
 
-def axes(tree: Mapping) -> dict:
-    """Logical axes: nothing sharded (these are tiny)."""
-    return unflatten({p: (None,) * np.ndim(v) for p, v in flatten(tree).items()})
-
-
 class Prefix(Transform):
     """Every attention whose params hold `prefix_k`/`prefix_v` also attends to them."""
+
+    method = "prefix"
 
     def intercept(self, next_fun, args, kwargs, context):
         mod = context.module
@@ -65,12 +62,18 @@ class Prefix(Transform):
         return next_fun(k, v, mask)
 
     def fold(self, params: Mapping) -> Mapping:
-        raise UserError("export: a prefix-tuned model has no merged HF form (the learned prefixes are not "
-                        "weights of the base architecture)")
+        raise UserError(f"export: a {self.method}-tuned model has no merged HF form (what it learned is not "
+                        "a weight of the base architecture)")
+
+    def axes(self, path: str, ndim: int, base: Mapping[str, tuple]) -> tuple | None:
+        """Nothing sharded: these leaves are tiny."""
+        return (None,) * ndim if path.rpartition("/")[2] in ("prefix_k", "prefix_v", "prompt_embedding") else None
 
 
 class Prompt(Prefix):
     """`prompt_embedding` -> per-layer `prefix_k`/`prefix_v` (see the module docstring)."""
+
+    method = "prompt"
 
     def prepare(self, model, params: Mapping) -> Mapping:
         flat = flatten(params)
@@ -90,7 +93,3 @@ class Prompt(Prefix):
         for leaf, stacked in (("prefix_k", cache["k"][:, 0]), ("prefix_v", cache["v"][:, 0])):  # [L, P, kv, hd]
             flat |= {f"{name}/self_attn/{leaf}": v for name, v in per_layer(stacked, scan).items()}
         return unflatten(flat)
-
-    def fold(self, params: Mapping) -> Mapping:
-        raise UserError("export: a prompt-tuned model has no merged HF form (the learned prompt is not a weight "
-                        "of the base architecture)")

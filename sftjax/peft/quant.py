@@ -96,12 +96,6 @@ def dequantize_tree(params: Mapping) -> dict:
     return unflatten(out)
 
 
-def quantized_axes(kernel_axes: tuple) -> dict[str, tuple]:
-    """Logical axes of the code and absmax leaves: the layer axis (if any), the rest unsharded."""
-    lead = tuple(kernel_axes[:-2])
-    return {"codes": (*lead, None, None), "kernel_absmax": (*lead, None)}
-
-
 def nbytes(tree: Mapping) -> int:
     return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in flatten(tree).values())
 
@@ -138,3 +132,11 @@ class Quantized(Transform):
 
     def fold(self, params: Mapping) -> dict:
         return dequantize_tree(params)
+
+    def axes(self, path: str, ndim: int, base: Mapping[str, tuple]) -> tuple | None:
+        """Codes and absmax keep the kernel's layer axis (if any); the rest is unsharded."""
+        mod, _, leaf = path.rpartition("/")
+        if not leaf.startswith("kernel_"):
+            return None
+        lead = tuple(base[f"{mod}/kernel"][:-2])
+        return (*lead, None) if leaf == "kernel_absmax" else (*lead, None, None)

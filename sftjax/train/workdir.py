@@ -7,6 +7,7 @@ import logging
 import os
 
 from sftjax import config as C
+from sftjax.errors import UserError
 
 log = logging.getLogger("sftjax")
 CONFIG = "sftjax_config.json"
@@ -43,8 +44,6 @@ def write_config(cfg, workdir: str) -> None:
 
 def read_config(workdir: str):
     """The validated config a workdir was trained with."""
-    from sftjax.errors import UserError
-
     path = os.path.join(workdir, CONFIG)
     if not os.path.isfile(path):
         raise UserError(f"--workdir: {path} not found; run `sftjax train --workdir={workdir} ...` first")
