@@ -14,8 +14,10 @@ import jax
 import numpy as np
 
 from sftjax import params as P
+from sftjax.errors import UserError
 from sftjax.io.load import load_pretrained
 from sftjax.models import layout
+from sftjax.models.layers import ActivationLayout
 from sftjax.models.llama import Llama, LlamaConfig, Runtime
 from sftjax.parallel import mesh as sharding
 from sftjax.peft import freeze, lora, prompt, quant
@@ -33,6 +35,7 @@ class Setup:
     mesh: jax.sharding.Mesh
     trainable: dict  # sharded jax arrays
     frozen: dict  # sharded jax arrays, never donated, never in the optimizer
+    rules: dict  # logical axis -> mesh axes (mesh.rules)
 
     @property
     def model_cfg(self) -> LlamaConfig:
@@ -45,6 +48,17 @@ class Setup:
     def merged_params(self, trainable=None) -> dict:
         """Plain base-shaped params, layers stacked, every transform folded in (export, plain inference)."""
         return layout.stack(self.model.fold(self.full_params(trainable)))
+
+
+def runtime(model_cfg, mesh, rules) -> Runtime:
+    """How the model computes on this mesh: dtype, remat policy, layer stacking, activation layout."""
+    if model_cfg.remat == "offload":
+        kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
+        if "pinned_host" not in kinds:
+            raise UserError(f"model.remat=offload: {jax.devices()[0].platform} devices have no pinned host memory "
+                            f"(only {', '.join(sorted(kinds))}); use dots_with_no_batch_dims_saveable or full")
+    layout = ActivationLayout(mesh, tuple(rules.items())) if mesh.size > 1 else None
+    return Runtime(model_cfg.dtype, model_cfg.remat, model_cfg.scan_layers, layout)
 
 
 def transforms(cfg) -> tuple[Transform, ...]:
@@ -102,7 +116,8 @@ def logical_axes(model: Adapted, trees: list[dict]) -> dict:
 def build(cfg, tokenizer=None) -> Setup:
     """The model, mesh and parameter split for a validated `cfg`; `tokenizer` if already loaded."""
     mcfg, base, tok = load_pretrained(cfg.model.path, tokenizer)
-    model = Adapted(Llama(mcfg, Runtime(cfg.model.dtype, cfg.model.remat, cfg.model.scan_layers)), transforms(cfg))
+    mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules_from(cfg.mesh)
+    model = Adapted(Llama(mcfg, runtime(cfg.model, mesh, rules)), transforms(cfg))
     if not cfg.model.scan_layers:
         base = layout.unstack(base, mcfg.num_hidden_layers)
     trainable, frozen = split(cfg, base, mcfg)
@@ -110,8 +125,7 @@ def build(cfg, tokenizer=None) -> Setup:
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)
     if cfg.model.quantize != "none":
         log.info("frozen base quantised to %s: %s bytes", cfg.model.quantize, f"{quant.nbytes(frozen):,}")
-    mesh = sharding.make_mesh(cfg.mesh)
     axes = logical_axes(model, [trainable, frozen])
-    trainable = sharding.place(trainable, sharding.param_shardings(trainable, axes, mesh))
-    frozen = sharding.place(frozen, sharding.param_shardings(frozen, axes, mesh))
-    return Setup(model, tok, mesh, trainable, frozen)
+    trainable = sharding.place(trainable, sharding.param_shardings(trainable, axes, mesh, rules))
+    frozen = sharding.place(frozen, sharding.param_shardings(frozen, axes, mesh, rules))
+    return Setup(model, tok, mesh, trainable, frozen, rules)

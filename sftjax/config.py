@@ -18,6 +18,21 @@ from ml_collections import ConfigDict
 from sftjax.data.formats import FORMATS
 from sftjax.errors import UserError
 
+MESH_AXES = ("data", "fsdp", "tensor")
+# Logical axis -> mesh axes. batch/length/heads/kv/mlp also name activation dimensions (the
+# model pins its layer inputs, attention heads and MLP hidden units with them).
+MESH_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "length": (),
+    "embed": ("fsdp",),
+    "mlp": ("tensor",),
+    "heads": ("tensor",),
+    "kv": ("tensor",),
+    "vocab": ("tensor",),
+    "layers": (),
+}
+REMAT = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload")
+
 
 def base_config() -> ConfigDict:
     """Every key sftjax reads, with its default. Config files start from this."""
@@ -25,7 +40,11 @@ def base_config() -> ConfigDict:
     c.model = dict(
         path="smollm2-135m-instruct",  # HF folder, .gguf file, or the embedded default's name
         dtype="float32",  # compute dtype: float32 or bfloat16 (master weights stay float32)
-        remat=False,  # rematerialise each layer in the backward pass (less memory, ~30% more compute)
+        # Rematerialisation of each decoder layer in the backward pass (see docs/scaling.md for
+        # measured time and memory): none | full (keep only layer inputs) | dots_saveable (keep
+        # matmul outputs) | dots_with_no_batch_dims_saveable (keep weight matmuls, recompute
+        # attention) | offload (as the last, but kept in host memory; backends with pinned host memory).
+        remat="none",
         # True: layers stacked under one `layers` subtree and run with nn.scan (fast compile).
         # False: unrolled into layers_0..layers_{L-1} (needed by train.freeze=last_layers; same math).
         scan_layers=True,
@@ -109,7 +128,10 @@ def base_config() -> ConfigDict:
         schedule="cosine", warmup_steps=-1, warmup_ratio=0.1, min_lr_ratio=0.1,
         no_decay=(r"scale$", r"bias$", r"embedding$"),
     )
-    c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1: all remaining devices
+    # Device mesh sizes (-1: all remaining devices) and the rules that map each logical axis of
+    # parameters and activations to mesh axes, e.g. --config.mesh.rules.embed="()" keeps embeddings
+    # unsharded, --config.mesh.rules.mlp="('fsdp','tensor')" splits the MLP both ways.
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, rules={k: v for k, v in MESH_RULES.items()})
     c.checkpoint = dict(every=50, max_to_keep=2)
     return c
 
@@ -148,6 +170,7 @@ CHOICES = {
     ("prompt_tuning", "method"): ("none", "prompt", "prefix"),
     ("optim", "schedule"): ("cosine", "linear", "constant"),
     ("model", "quantize"): ("none", "nf4", "int8"),
+    ("model", "remat"): REMAT,
 }
 POSITIVE = [("train", "steps"), ("train", "batch_size"), ("train", "grad_accum"), ("data", "max_length"),
             ("lora", "rank"), ("optim", "lr"), ("checkpoint", "every"), ("checkpoint", "max_to_keep")]
@@ -184,6 +207,22 @@ def validate(cfg: ConfigDict) -> None:
         raise UserError(f"data.quality: unknown filter {', '.join(map(repr, unknown))}; "
                         f"known filters: {', '.join(QUALITY)}")
     _validate_trainable(cfg)
+    _validate_rules(cfg.mesh.rules)
+
+
+def _validate_rules(rules) -> None:
+    """mesh.rules: every value a tuple of distinct mesh axes (unknown logical axes are caught by
+    check_keys / apply_override, since the default table is the schema)."""
+    for name, axes in rules.items():
+        if isinstance(axes, str):
+            axes = (axes,)
+        if not isinstance(axes, (tuple, list)) or not all(isinstance(a, str) for a in axes):
+            raise UserError(f"mesh.rules.{name}: must be a tuple of mesh axes, got {axes!r}")
+        for a in axes:
+            if a not in MESH_AXES:
+                raise UserError(f"mesh.rules.{name}: unknown mesh axis {a!r}; mesh axes are {', '.join(MESH_AXES)}")
+        if len(set(axes)) != len(axes):
+            raise UserError(f"mesh.rules.{name}: mesh axis listed twice in {tuple(axes)!r}")
 
 
 def _validate_trainable(cfg: ConfigDict) -> None:
@@ -249,7 +288,12 @@ def _parse(raw: str, current, key: str):
             return int(raw)
         if isinstance(current, float):
             return float(raw)
-        value = ast.literal_eval(raw)
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            if not isinstance(current, tuple):
+                raise
+            value = tuple(x.strip() for x in raw.split(",") if x.strip())  # --config.lora.targets=q,v
         return tuple(value) if isinstance(current, tuple) and isinstance(value, (list, tuple)) else value
     except (ValueError, SyntaxError):
         kind = type(current).__name__
@@ -260,13 +304,19 @@ def to_json(cfg: ConfigDict) -> str:
     return json.dumps(cfg.to_dict(), indent=2, default=list)
 
 
+def _fill(node: ConfigDict, values: dict) -> None:
+    """Copy JSON `values` into `node`, turning lists back into the tuples the schema holds."""
+    for k, v in values.items():
+        if isinstance(node[k], ConfigDict):
+            _fill(node[k], v)
+        else:
+            node[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(node[k], tuple) else v
+
+
 def from_json(text: str) -> ConfigDict:
     """A run's saved config (see `train.loop`), validated and locked like `load_config`'s."""
     base = base_config()
-    d = json.loads(text)
-    for sect, vals in d.items():
-        for k, v in vals.items():
-            base[sect][k] = tuple(v) if isinstance(base[sect][k], tuple) else v
+    _fill(base, json.loads(text))
     validate(base)
     base.lock()
     return base

@@ -49,7 +49,7 @@ def _loop(hooks, steps=3, start=0, step_fn=None):
 
 @pytest.fixture(autouse=True)
 def _no_device_placement(monkeypatch):
-    monkeypatch.setattr("sftjax.train.loop.place_batch", lambda batch, mesh, local: batch)
+    monkeypatch.setattr("sftjax.train.loop.place_batch", lambda batch, mesh, local, rules: batch)
 
 
 def test_loop_calls_hooks_in_order_and_closes_them():

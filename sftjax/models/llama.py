@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from sftjax.models.layers import (
+    ActivationLayout,
     Dense,
     Embed,
     RMSNorm,
@@ -25,6 +26,7 @@ from sftjax.models.layers import (
     attention_mask,
     cache_mask,
     grouped_attention,
+    pin,
     rope_inv_freq,
 )
 
@@ -59,11 +61,25 @@ class LlamaConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
-    """How the model computes, as opposed to what it is: compute dtype, remat, layer stacking."""
+    """How the model computes, as opposed to what it is: compute dtype, remat policy (see
+    `REMAT`), layer stacking, and where activations live on the mesh (None: XLA decides)."""
 
     dtype: str = "float32"
-    remat: bool = False
+    remat: str = "none"
     scan_layers: bool = True
+    layout: ActivationLayout | None = None
+
+
+def remat_policy(name: str):
+    """`model.remat` -> (rematerialise?, jax checkpoint policy). What each keeps for the backward
+    pass: full keeps only the layer inputs; dots_saveable every matmul output; the no-batch-dims
+    variant only weight matmuls (attention's batched einsums are recomputed); offload keeps those in
+    pinned host memory instead of device memory."""
+    cp = jax.checkpoint_policies
+    policies = {"none": (False, None), "full": (True, None), "dots_saveable": (True, cp.dots_saveable),
+                "dots_with_no_batch_dims_saveable": (True, cp.dots_with_no_batch_dims_saveable),
+                "offload": (True, cp.offload_dot_with_no_batch_dims("device", "pinned_host"))}
+    return policies[name]
 
 
 class Attention(nn.Module):
@@ -81,9 +97,10 @@ class Attention(nn.Module):
         k = Dense(nkv * hd, ("embed", "kv"), cfg.attention_bias, dtype, name="k_proj")(x)
         v = Dense(nkv * hd, ("embed", "kv"), cfg.attention_bias, dtype, name="v_proj")(x)
         inv_freq = rope_inv_freq(hd, cfg.rope_theta, cfg.rope_scaling)
-        q = apply_rope(q.reshape(b, t, nh, hd), positions, inv_freq)
-        k = apply_rope(k.reshape(b, t, nkv, hd), positions, inv_freq)
-        v = v.reshape(b, t, nkv, hd)
+        lay = self.rt.layout
+        q = pin(lay, apply_rope(q.reshape(b, t, nh, hd), positions, inv_freq), ("batch", "length", "heads", None))
+        k = pin(lay, apply_rope(k.reshape(b, t, nkv, hd), positions, inv_freq), ("batch", "length", "kv", None))
+        v = pin(lay, v.reshape(b, t, nkv, hd), ("batch", "length", "kv", None))
         if cache is not None:
             at = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at)
@@ -108,7 +125,8 @@ class MLP(nn.Module):
         inter, hidden, dtype = self.cfg.intermediate_size, self.cfg.hidden_size, self.rt.dtype
         gate = Dense(inter, ("embed", "mlp"), False, dtype, name="gate_proj")(x)
         up = Dense(inter, ("embed", "mlp"), False, dtype, name="up_proj")(x)
-        return Dense(hidden, ("mlp", "embed"), False, dtype, name="down_proj")(nn.silu(gate) * up)
+        h = pin(self.rt.layout, nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return Dense(hidden, ("mlp", "embed"), False, dtype, name="down_proj")(h)
 
 
 class Block(nn.Module):
@@ -118,6 +136,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, positions, mask, cache, cache_index):
         cfg, rt = self.cfg, self.rt
+        x = pin(rt.layout, x, ("batch", "length", None))  # the layer boundary: rows over data (and fsdp)
         h = RMSNorm(cfg.rms_norm_eps, rt.dtype, name="input_layernorm")(x)
         a, cache = Attention(cfg, rt, name="self_attn")(h, positions, mask, cache, cache_index)
         x = x + a
@@ -168,7 +187,9 @@ class Llama(nn.Module):
     def decoder(self, x, positions, mask, cache, cache_index):
         """The decoder stack, scanned (one `layers` subtree) or unrolled (`layers_i`)."""
         cfg, rt = self.cfg, self.rt
-        block = nn.remat(Block, static_argnums=()) if rt.remat else Block
+        remat, policy = remat_policy(rt.remat)
+        # Inside nn.scan the loop already stops XLA from merging recomputation with the forward pass.
+        block = nn.remat(Block, policy=policy, prevent_cse=not rt.scan_layers) if remat else Block
         if rt.scan_layers:
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                             in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_hidden_layers,

@@ -1,8 +1,9 @@
 """Mesh creation, logical-axis rules and the divisibility pre-flight.
 
-Parameters are annotated with logical axes in the model; this short table maps them onto the
-(data, fsdp, tensor) mesh. A logical axis missing from the table, or a dimension that its mesh
-axes do not divide, raises with the parameter path and shapes (no silent replication).
+Parameters are annotated with logical axes in the model; a short rule table (`mesh.rules` in the
+config, default `RULES`) maps them onto the (data, fsdp, tensor) mesh. A logical axis missing from
+the table, or a dimension that its mesh axes do not divide, raises with the parameter path and
+shapes (no silent replication).
 """
 
 from __future__ import annotations
@@ -15,20 +16,16 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from sftjax.config import MESH_AXES as AXES
+from sftjax.config import MESH_RULES as RULES
 from sftjax.errors import UserError
 from sftjax.params import flatten, unflatten
 
-AXES = ("data", "fsdp", "tensor")
-RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
-    "length": (),
-    "embed": ("fsdp",),
-    "mlp": ("tensor",),
-    "heads": ("tensor",),
-    "kv": ("tensor",),
-    "vocab": ("tensor",),
-    "layers": (),
-}
+
+def rules_from(mesh_cfg) -> dict[str, tuple[str, ...]]:
+    """The validated `mesh.rules` section as a plain {logical axis: mesh axes} dict."""
+    rules = mesh_cfg.get("rules", RULES)
+    return {k: (v,) if isinstance(v, str) else tuple(v) for k, v in dict(rules).items()}
 
 
 def make_mesh(mesh_cfg) -> jax.sharding.Mesh:
@@ -49,11 +46,12 @@ def make_mesh(mesh_cfg) -> jax.sharding.Mesh:
                          devices=jax.devices()[: math.prod(sizes)])
 
 
-def check_batch(mesh, micro_batch: int) -> None:
-    """A micro-batch must split evenly over the data-parallel devices (data x fsdp)."""
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+def check_batch(mesh, micro_batch: int, rules: Mapping = RULES) -> None:
+    """A micro-batch must split evenly over the data-parallel devices (the `batch` rule's axes)."""
+    dp = math.prod(mesh.shape[a] for a in rules["batch"])
     if micro_batch % dp:
-        raise UserError(f"train.batch_size: micro-batch {micro_batch} is not divisible by the data-parallel size {dp}")
+        raise UserError(f"train.batch_size: micro-batch {micro_batch} is not divisible by the data-parallel size {dp} "
+                        f"(mesh axes {tuple(rules['batch'])})")
 
 
 def logical_axes(model, example_ids) -> dict:
@@ -63,7 +61,7 @@ def logical_axes(model, example_ids) -> dict:
     return jax.tree.map(lambda s: tuple(s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def spec_for(path: str, shape: tuple[int, ...], axes: tuple, mesh) -> PartitionSpec:
+def spec_for(path: str, shape: tuple[int, ...], axes: tuple, mesh, rules: Mapping = RULES) -> PartitionSpec:
     if len(axes) != len(shape):
         raise UserError(f"sharding: {path} has shape {shape} but logical axes {axes}")
     out = []
@@ -71,9 +69,9 @@ def spec_for(path: str, shape: tuple[int, ...], axes: tuple, mesh) -> PartitionS
         if name is None:
             out.append(None)
             continue
-        if name not in RULES:
-            raise UserError(f"sharding: {path}: logical axis {name!r} has no rule in sharding.RULES")
-        mesh_axes = tuple(a for a in RULES[name] if mesh.shape[a] > 1)
+        if name not in rules:
+            raise UserError(f"sharding: {path}: logical axis {name!r} has no rule in mesh.rules")
+        mesh_axes = tuple(a for a in rules[name] if mesh.shape[a] > 1)
         size = math.prod(mesh.shape[a] for a in mesh_axes)
         if dim % size:
             raise UserError(f"mesh: parameter {path} shape {shape}: dimension {name}={dim} is not divisible "
@@ -82,19 +80,20 @@ def spec_for(path: str, shape: tuple[int, ...], axes: tuple, mesh) -> PartitionS
     return PartitionSpec(*out)
 
 
-def param_shardings(tree: Mapping, axes: Mapping, mesh) -> dict:
+def param_shardings(tree: Mapping, axes: Mapping, mesh, rules: Mapping = RULES) -> dict:
     """NamedSharding for each leaf of `tree` (arrays or ShapeDtypeStructs) from its logical axes."""
     flat_axes = flatten(axes)
     out = {}
     for path, x in flatten(tree).items():
         if path not in flat_axes:
             raise UserError(f"sharding: parameter {path} has no logical axes")
-        out[path] = NamedSharding(mesh, spec_for(path, tuple(x.shape), flat_axes[path], mesh))
+        out[path] = NamedSharding(mesh, spec_for(path, tuple(x.shape), flat_axes[path], mesh, rules))
     return unflatten(out)
 
 
-def batch_sharding(mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(RULES["batch"]))
+def batch_sharding(mesh, rules: Mapping = RULES) -> NamedSharding:
+    """Batches split their rows over the mesh axes of the `batch` rule (data and fsdp by default)."""
+    return NamedSharding(mesh, PartitionSpec(tuple(rules["batch"]) or None))
 
 
 def place(tree: Mapping, shardings: Mapping) -> dict:
@@ -103,14 +102,14 @@ def place(tree: Mapping, shardings: Mapping) -> dict:
         lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]), tree, shardings)
 
 
-def place_batch(batch: Mapping[str, np.ndarray], mesh, local: bool = False) -> dict:
+def place_batch(batch: Mapping[str, np.ndarray], mesh, local: bool = False, rules: Mapping = RULES) -> dict:
     """Host batch -> global arrays sharded along (data, fsdp).
 
     `local=False`: every process holds the whole global batch and contributes its rows.
     `local=True`: each process holds only its own rows (the training loader's batches), and the
     global batch is the processes' rows in process order.
     """
-    sharding = batch_sharding(mesh)
+    sharding = batch_sharding(mesh, rules)
     n_proc, pid = jax.process_count(), jax.process_index()
     out = {}
     for k, v in batch.items():

@@ -19,7 +19,7 @@ def evaluate(setup, eval_step, examples, trainable, batch_size: int, names: list
         rows = np.arange(s, s + batch_size)
         batch = examples.batch(np.minimum(rows, n - 1))
         batch["weights"] = batch["weights"] * (rows < n)[:, None]  # padding rows count for nothing
-        stats = eval_step(trainable, setup.frozen, place_batch(batch, setup.mesh))
+        stats = eval_step(trainable, setup.frozen, place_batch(batch, setup.mesh, rules=setup.rules))
         for k, v in stats.items():
             totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
     loss = float(totals["loss_sum"] / max(totals["tokens"], 1))

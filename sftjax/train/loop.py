@@ -20,7 +20,8 @@ from sftjax.build import Setup, build
 from sftjax.data import pipeline
 from sftjax.data.loader import make_loader
 from sftjax.io.load import load_tokenizer
-from sftjax.parallel.mesh import check_batch, place_batch
+from sftjax.parallel import flops
+from sftjax.parallel.mesh import RULES, check_batch, place_batch
 from sftjax.train import hooks as H
 from sftjax.train import workdir as W
 from sftjax.train.checkpoint import Checkpointer
@@ -72,6 +73,7 @@ class Loop:
     hooks: list[H.Hook]
     start: int = 0
     results: dict = field(default_factory=dict)  # hooks record what a run reports here
+    rules: dict = field(default_factory=lambda: dict(RULES))  # mesh.rules: how batches split over the mesh
     _stop: StopRequest | None = None
 
     @property
@@ -87,7 +89,7 @@ class Loop:
                 self._stop = stop
                 for step in range(self.start, self.steps):
                     batch = next(self.loader)
-                    state, metrics = self.step_fn(state, self.frozen, place_batch(batch, self.mesh, local=True))
+                    state, metrics = self.step_fn(state, self.frozen, place_batch(batch, self.mesh, local=True, rules=self.rules))
                     for h in self.hooks:
                         h.after_step(self, step + 1, state, metrics, batch)
                     if self.stopping:
@@ -108,7 +110,7 @@ def hooks_for(cfg, setup: Setup, data: pipeline.Prepared, writer, ckpt, loader) 
     eval_step = make_eval_step(setup.model, len(data.names))
     micro = cfg.train.batch_size // cfg.train.grad_accum
     out = [H.LogData(writer, setup.tokenizer, data),
-           H.LogMetrics(cfg.train.log_every, writer, data.names, ckpt.latest_step)]
+           H.LogMetrics(cfg.train.log_every, writer, data.names, ckpt.latest_step, flops.for_run(cfg, setup))]
     if data.eval is not None:
         out.append(H.Evaluate(lambda t: evaluate(setup, eval_step, data.eval, t, micro, data.names),
                               cfg.train.eval_every, writer))
@@ -132,7 +134,7 @@ def run(cfg, workdir: str) -> dict:
     setup = build(cfg, tok)  # the tokenizer with data.chat_template applied: samples use it too
     for name, rep in data.report.items():
         log.info("data %s: %s", name, rep)
-    check_batch(setup.mesh, cfg.train.batch_size // cfg.train.grad_accum)
+    check_batch(setup.mesh, cfg.train.batch_size // cfg.train.grad_accum, setup.rules)
     slots = None if cfg.data.packing else pipeline.head_slots(data.train, cfg.data.max_length)
     loader = make_loader(data.train, data.weights, cfg.data, cfg.train.batch_size, tok.pad_token_id, slots,
                          jax.process_index(), jax.process_count())
@@ -143,7 +145,8 @@ def run(cfg, workdir: str) -> dict:
     ckpt, writer = Checkpointer(workdir, cfg.checkpoint.max_to_keep), Writer(workdir)
     results_path = os.path.join(workdir, W.RESULTS)
     loop = Loop(train_step(cfg, setup, tx, sched, state, len(data.names)), setup.frozen, loader, setup.mesh,
-                cfg.train.steps, hooks_for(cfg, setup, data, writer, ckpt, loader), start=ckpt.latest_step() or 0)
+                cfg.train.steps, hooks_for(cfg, setup, data, writer, ckpt, loader), start=ckpt.latest_step() or 0,
+                rules=setup.rules)
     try:
         if loop.start:
             state = ckpt.restore(loop.start, state, loader)
