@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from sftjax.data.inspect import highlight
 from sftjax.errors import UserError
+from sftjax.parallel.flops import batch_flops
 from sftjax.train.evaluate import per_source, samples, short_name
 
 log = logging.getLogger("sftjax")
@@ -44,16 +45,18 @@ def fmt(d: dict) -> str:
 
 class LogMetrics(Hook):
     """Every `every` steps and at the end: train scalars to TensorBoard and the progress bar,
-    tokens/s after the compile step, the non-pad fraction, and a non-finite loss check (at logging
-    time only: no host sync per step)."""
+    tokens/s and MFU after the compile step, the non-pad fraction, and a non-finite loss check (at
+    logging time only: no host sync per step). `mfu`: (StepCost, Peak) from `parallel.flops`, or
+    None where the devices' peak is unknown."""
 
-    def __init__(self, every: int, writer, names: list[str], last_checkpoint):
+    def __init__(self, every: int, writer, names: list[str], last_checkpoint, mfu=None):
         self.every, self.writer, self.names, self.last_checkpoint = every, writer, names, last_checkpoint
+        self.cost, self.peak = mfu if mfu is not None else (None, None)
         self.bar = None
 
     def start(self, loop, state):
         self.t_last, self.tok_since, self.compiled_at = time.perf_counter(), 0, None
-        self.run_tokens, self.run_secs = 0, 0.0
+        self.run_tokens, self.run_secs, self.flops_since, self.run_flops = 0, 0.0, 0.0, 0.0
         self.real, self.slots = 0, 0  # non-pad and total positions: packing / bucketing efficiency
 
     def after_step(self, loop, done, state, metrics, batch):
@@ -63,10 +66,12 @@ class LogMetrics(Hook):
         self.bar.update(1)
         n_real = int(batch["valid"].sum()) * jax.process_count()
         self.tok_since += n_real
+        if self.cost is not None:  # host arithmetic on the host batch: no device sync
+            self.flops_since += batch_flops(self.cost, batch) * jax.process_count()
         self.real, self.slots = self.real + n_real, self.slots + batch["valid"].size * jax.process_count()
         if self.compiled_at is None:  # the first step includes compilation; rates start after it
             jax.block_until_ready(metrics)
-            self.t_last, self.tok_since, self.compiled_at = time.perf_counter(), 0, done
+            self.t_last, self.tok_since, self.flops_since, self.compiled_at = time.perf_counter(), 0, 0.0, done
         if done % self.every == 0 or done == loop.steps:
             self.log(loop, done, metrics)
 
@@ -81,7 +86,12 @@ class LogMetrics(Hook):
             m["tokens_per_sec"] = self.tok_since / (now - self.t_last)
             self.run_tokens, self.run_secs = self.run_tokens + self.tok_since, self.run_secs + now - self.t_last
             loop.results["train_tokens_per_sec"] = self.run_tokens / self.run_secs  # mean over this run, after compile
-        self.t_last, self.tok_since = now, 0
+            if self.peak is not None:
+                m["mfu"] = self.flops_since / (now - self.t_last) / self.peak.total
+                self.run_flops += self.flops_since
+                loop.results["train_mfu"] = self.run_flops / self.run_secs / self.peak.total
+                loop.results["peak_flops_per_sec"], loop.results["peak_source"] = self.peak.total, self.peak.source
+        self.t_last, self.tok_since, self.flops_since = now, 0, 0.0
         self.writer.scalars(done, m, "train/")
         self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m.get('tokens_per_sec', 0):.0f}")
 
