@@ -29,8 +29,10 @@ def test_two_steps_write_events_and_checkpoint_then_resume(tiny_config, tmp_path
     ev = EventAccumulator(os.path.join(wd, "tb"))
     ev.Reload()
     tags = ev.Tags()["scalars"]
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "eval/loss"):
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/mfu", "eval/loss"):
         assert tag in tags, tags
+    assert 0 < ev.Scalars("train/mfu")[-1].value <= 1 and 0 < res["train_mfu"] <= 1  # CPU: against its measured peak
+    assert "measured" in res["peak_source"]
     assert [e.step for e in ev.Scalars("train/loss")] == [1, 2]
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["1", "2"]
 
