@@ -15,7 +15,7 @@ import numpy as np
 
 from sftjax import params as P
 from sftjax.errors import UserError
-from sftjax.io.load import load_pretrained
+from sftjax.io.load import open_pretrained
 from sftjax.models import layout
 from sftjax.models.layers import ActivationLayout
 from sftjax.models.llama import Llama, LlamaConfig, Runtime
@@ -78,18 +78,18 @@ def transforms(cfg) -> tuple[Transform, ...]:
 
 
 def split(cfg, base: dict, mcfg: LlamaConfig) -> tuple[dict, dict]:
-    """(trainable, frozen) numpy trees: adapters, a prompt, or base leaves chosen by train.freeze;
-    with model.quantize the frozen decoder kernels are stored quantised."""
+    """(trainable, frozen) trees of lazy leaves (read when placed) and small numpy adapters:
+    adapters, a prompt, or base leaves chosen by train.freeze; with model.quantize the frozen
+    decoder kernels are stored quantised. DoRA magnitudes are left as shapes (`lora.magnitudes`
+    computes them from the placed base)."""
     quantize = (lambda t: t) if cfg.model.quantize == "none" else (lambda t: quant.quantize_tree(t, cfg.model.quantize))
     if cfg.lora.enabled:
-        frozen = quantize(base)  # DoRA's magnitudes start from the kernels the model will see
-        seen = base if frozen is base else quant.dequantize_tree(frozen)
         c = cfg.lora
-        trainable = lora.init_adapters(seen, list(c.targets), c.rank, cfg.train.seed,
+        trainable = lora.init_adapters(base, list(c.targets), c.rank, cfg.train.seed,
                                        rank_overrides=tuple(c.rank_overrides), dora=c.dora)
         if c.init_from:
             trainable = read_adapter(c.init_from, c, trainable, mcfg.num_hidden_layers)
-        return trainable, frozen
+        return trainable, quantize(base)
     if cfg.prompt_tuning.method != "none":  # the whole base stays frozen
         pt = cfg.prompt_tuning
         return prompt.init(pt.method, base, mcfg, pt.length, cfg.train.seed, cfg.model.scan_layers), quantize(base)
@@ -115,7 +115,7 @@ def logical_axes(model: Adapted, trees: list[dict]) -> dict:
 
 def build(cfg, tokenizer=None) -> Setup:
     """The model, mesh and parameter split for a validated `cfg`; `tokenizer` if already loaded."""
-    mcfg, base, tok = load_pretrained(cfg.model.path, tokenizer)
+    mcfg, base, tok = open_pretrained(cfg.model.path, tokenizer)  # lazy: read when placed
     mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules_from(cfg.mesh)
     model = Adapted(Llama(mcfg, runtime(cfg.model, mesh, rules)), transforms(cfg))
     if not cfg.model.scan_layers:
@@ -126,6 +126,7 @@ def build(cfg, tokenizer=None) -> Setup:
     if cfg.model.quantize != "none":
         log.info("frozen base quantised to %s: %s bytes", cfg.model.quantize, f"{quant.nbytes(frozen):,}")
     axes = logical_axes(model, [trainable, frozen])
-    trainable = sharding.place(trainable, sharding.param_shardings(trainable, axes, mesh, rules))
     frozen = sharding.place(frozen, sharding.param_shardings(frozen, axes, mesh, rules))
+    shardings = sharding.param_shardings(trainable, axes, mesh, rules)
+    trainable = sharding.place(lora.magnitudes(trainable, frozen, shardings), shardings)
     return Setup(model, tok, mesh, trainable, frozen, rules)

@@ -4,6 +4,14 @@ Tensors are dequantised to float32 with `gguf.quants.dequantize` and renamed to 
 q/k weights are un-permuted from llama.cpp's rotary layout back to HF's (the converter permutes
 them for llama only, not for qwen2). The tokenizer (byte-level BPE) and chat template are rebuilt
 from the metadata with `tokenizers`, so no PyTorch is needed to read a GGUF file.
+
+Tensors are lazy leaves (`io/lazy.py`) over the reader's memory map. A quantised tensor cannot be
+read by slices (its blocks of 32-256 values with their scales do not follow the slice
+boundaries, and the q/k un-permutation moves rows), so reading any slice of one decodes the whole
+tensor, once for all the slices asked for together: with GGUF the host-memory bound of loading is
+one tensor at a time, not one slice. Float (F32/F16) tensors that need no un-permutation are read
+by slices from the map. The mapped file pages that were touched count towards resident memory
+until the kernel reclaims them (they are clean page cache, not allocations).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import numpy as np
 
 from sftjax.errors import UserError
 from sftjax.io.hf import config_from_hf
+from sftjax.io.lazy import Lazy, materialise, normalise
 from sftjax.models.llama import LlamaConfig
 
 _NAMES = {
@@ -45,10 +54,31 @@ def open_gguf(path: str):
         raise UserError(f"{path}: not a readable GGUF file ({e})") from None
 
 
-def read_gguf(path: str):
-    """Returns (LlamaConfig, HF-named float32 state dict); the tokenizer: `tokenizer_from_gguf`."""
-    from gguf.quants import dequantize
+class GGUFTensor(Lazy):
+    """One GGUF tensor in HF layout ([out, in]), float32; `heads`: un-permute its rows (llama q/k)."""
 
+    def __init__(self, tensor, heads: int | None = None):
+        self.tensor, self.heads = tensor, heads
+        self.shape = tuple(reversed([int(d) for d in tensor.shape]))
+
+    def read_many(self, indices):
+        from gguf import GGMLQuantizationType as Q
+        from gguf.quants import dequantize
+
+        t = self.tensor
+        indices = [normalise(i, self.shape) for i in indices]
+        if t.tensor_type in (Q.F32, Q.F16) and self.heads is None:  # sliceable as stored
+            data = np.asarray(t.data).reshape(self.shape)
+            return [data[i].astype(np.float32) for i in indices]
+        w = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(self.shape)
+        if self.heads is not None:
+            w = _unpermute(w, self.heads)
+        return [np.array(w[i]) for i in indices]  # copies: the slices must not keep `w` alive
+
+
+def open_model(path: str) -> tuple[LlamaConfig, dict[str, Lazy]]:
+    """(LlamaConfig, lazy HF-named float32 state dict); only the metadata is read here. The
+    tokenizer: `tokenizer_from_gguf`."""
     reader = open_gguf(path)
     arch = _field(reader, "general.architecture")
     a = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
@@ -77,22 +107,28 @@ def read_gguf(path: str):
         hf["rope_scaling"] = {"rope_type": "linear", "factor": a("rope.scaling.factor")}
     cfg: LlamaConfig = config_from_hf(hf, path)
 
-    sd: dict[str, np.ndarray] = {}
+    sd: dict[str, Lazy] = {}
     for t in reader.tensors:
-        w = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(tuple(reversed([int(d) for d in t.shape])))
         m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", t.name)
         if m:
             layer, kind, what = m.groups()
+            heads = None
             if arch == "llama" and kind in ("attn_q", "attn_k"):
-                w = _unpermute(w, n_head if kind == "attn_q" else n_kv)
-            sd[f"model.layers.{layer}.{_NAMES[kind]}.{what}"] = w
+                heads = n_head if kind == "attn_q" else n_kv
+            sd[f"model.layers.{layer}.{_NAMES[kind]}.{what}"] = GGUFTensor(t, heads)
         elif t.name == "token_embd.weight":
-            sd["model.embed_tokens.weight"] = w
+            sd["model.embed_tokens.weight"] = GGUFTensor(t)
         elif t.name == "output_norm.weight":
-            sd["model.norm.weight"] = w
+            sd["model.norm.weight"] = GGUFTensor(t)
         elif t.name == "output.weight":
-            sd["lm_head.weight"] = w
+            sd["lm_head.weight"] = GGUFTensor(t)
     return cfg, sd
+
+
+def read_gguf(path: str) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+    """`open_model`, every tensor dequantised whole into float32 numpy."""
+    cfg, sd = open_model(path)
+    return cfg, materialise(sd)
 
 
 def tokenizer_from_gguf(reader, path: str):

@@ -1,9 +1,10 @@
 """HF model folders <-> sftjax's param tree: config.json, safetensors (single or sharded).
 
 Everything funnels through one representation, the HF state dict (names like
-`model.layers.3.self_attn.q_proj.weight`, numpy float32, torch [out, in] layout): a GGUF file is
+`model.layers.3.self_attn.q_proj.weight`, float32, torch [out, in] layout): a GGUF file is
 first turned into that (`io/gguf_file.py`), so there is one name mapping to keep right
-(`hf_to_params`/`params_to_hf`).
+(`hf_to_lazy`/`params_to_hf`). Reading is lazy (`io/lazy.py`): `open_folder` reads only the
+headers, and each leaf of `hf_to_lazy`'s tree reads its slices from the files when placed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from sftjax.errors import UserError
+from sftjax.io.lazy import Lazy, Stacked, as_lazy, materialise, safetensors_file
 from sftjax.models.llama import LlamaConfig
 from sftjax.params import flatten, unflatten
 
@@ -103,25 +105,34 @@ def config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
     return out
 
 
-def hf_to_params(sd: Mapping[str, np.ndarray], cfg: LlamaConfig, source: str) -> dict:
-    """HF state dict -> nested param dict with layer weights stacked on a leading axis."""
+def hf_to_lazy(sd: Mapping[str, Lazy | np.ndarray], cfg: LlamaConfig, source: str) -> dict:
+    """HF state dict -> nested param tree of lazy leaves, layer weights stacked on a leading axis.
 
-    def take(name):
+    Nothing is read here: a leaf reads its slices (through the transposes and the layer stack)
+    when it is placed on the mesh."""
+
+    def take(name) -> Lazy:
         if name not in sd:
             raise UserError(f"{source}: tensor {name!r} is missing")
-        return np.asarray(sd[name], dtype=np.float32)
+        x = sd[name]
+        return x if isinstance(x, Lazy) else as_lazy(np.asarray(x, dtype=np.float32))
 
-    layers: dict[str, np.ndarray] = {}
+    layers: dict[str, Lazy] = {}
     for hf_suffix, path, transpose in _LAYER_MAP:
         if hf_suffix.endswith(".bias") and not cfg.attention_bias:
             continue
         ws = [take(f"model.layers.{i}.{hf_suffix}") for i in range(cfg.num_hidden_layers)]
-        layers[path] = np.stack([w.T if transpose else w for w in ws])
+        layers[path] = Stacked([w.T if transpose else w for w in ws])
     params = {"embed_tokens": {"embedding": take("model.embed_tokens.weight")},
               "norm": {"scale": take("model.norm.weight")}, "layers": unflatten(layers)}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = {"kernel": take("lm_head.weight").T}
     return params
+
+
+def hf_to_params(sd: Mapping[str, Lazy | np.ndarray], cfg: LlamaConfig, source: str) -> dict:
+    """HF state dict -> nested numpy param dict (the whole model in memory; see `hf_to_lazy`)."""
+    return materialise(hf_to_lazy(sd, cfg, source))
 
 
 def params_to_hf(params: Mapping, cfg: LlamaConfig) -> dict[str, np.ndarray]:
@@ -140,10 +151,10 @@ def params_to_hf(params: Mapping, cfg: LlamaConfig) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in sd.items()}
 
 
-def read_hf_folder(folder: str) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
-    """config.json + model.safetensors (or a sharded index) -> (config, HF state dict)."""
-    from safetensors.flax import load_file
+def open_folder(folder: str) -> tuple[LlamaConfig, dict[str, Lazy]]:
+    """config.json + model.safetensors (or a sharded index) -> (config, lazy HF state dict).
 
+    Only config.json and the safetensors headers are read."""
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
         raise UserError(f"{folder}: no config.json; point model.path at a HF model folder or a .gguf file")
@@ -157,11 +168,16 @@ def read_hf_folder(folder: str) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
         files = ["model.safetensors"]
     else:
         raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-    sd: dict[str, np.ndarray] = {}
+    sd: dict[str, Lazy] = {}
     for name in files:
-        for k, v in load_file(os.path.join(folder, name)).items():
-            sd[k] = np.asarray(v.astype("float32"))
+        sd.update(safetensors_file(os.path.join(folder, name)))
     return cfg, sd
+
+
+def read_hf_folder(folder: str) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+    """`open_folder`, every tensor read whole as float32 numpy."""
+    cfg, sd = open_folder(folder)
+    return cfg, materialise(sd)
 
 
 def write_hf_folder(folder: str, cfg: LlamaConfig, params: Mapping, tokenizer=None, dtype: str = "float32",

@@ -1,7 +1,7 @@
 """Load a model by `model.path`: a HF folder, a .gguf file, or the embedded default's name.
 
 The one place that decides what kind of path it was given (`resolve`); the readers live in
-`io/hf.py` and `io/gguf_file.py`.
+`io/hf.py` and `io/gguf_file.py`, the lazy leaves they return in `io/lazy.py`.
 """
 
 from __future__ import annotations
@@ -51,17 +51,26 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_pretrained(path: str, tokenizer=None):
-    """`model.path` -> (LlamaConfig, numpy params, tokenizer).
+def open_pretrained(path: str, tokenizer=None):
+    """`model.path` -> (LlamaConfig, param tree of lazy leaves, tokenizer): only metadata is read;
+    each leaf reads its slices when placed (`parallel/mesh.place`), so no host holds the model.
 
     Pass `tokenizer` when it is already loaded (see `load_tokenizer`) to skip building it again."""
-    from sftjax.io.hf import hf_to_params, read_hf_folder
+    from sftjax.io.hf import hf_to_lazy, open_folder
 
     kind, file = resolve(path)
     if kind == "gguf":
-        from sftjax.io.gguf_file import read_gguf
+        from sftjax.io.gguf_file import open_model
 
-        cfg, sd = read_gguf(file)
+        cfg, sd = open_model(file)
     else:
-        cfg, sd = read_hf_folder(file)
-    return cfg, hf_to_params(sd, cfg, file), tokenizer if tokenizer is not None else load_tokenizer(file)
+        cfg, sd = open_folder(file)
+    return cfg, hf_to_lazy(sd, cfg, file), tokenizer if tokenizer is not None else load_tokenizer(file)
+
+
+def load_pretrained(path: str, tokenizer=None):
+    """`open_pretrained` with every leaf read whole: (LlamaConfig, numpy params, tokenizer)."""
+    from sftjax.io.lazy import materialise
+
+    cfg, params, tok = open_pretrained(path, tokenizer)
+    return cfg, materialise(params), tok

@@ -97,9 +97,24 @@ def batch_sharding(mesh, rules: Mapping = RULES) -> NamedSharding:
 
 
 def place(tree: Mapping, shardings: Mapping) -> dict:
-    """Host numpy arrays -> global jax Arrays; each device gets only its own slice."""
-    return jax.tree.map(
-        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]), tree, shardings)
+    """Host leaves -> global jax Arrays; each device gets only its own slice.
+
+    A lazy leaf (`io/lazy.Lazy`) is asked, in one call, for the distinct slices this process's
+    devices hold and nothing else, so a process never holds more of the model than its share
+    plus what a source needs to produce it (one tensor, at most). A numpy array is sliced; a
+    jax Array (computed on the mesh already) is moved with `device_put`."""
+    from sftjax.io.lazy import Lazy, key
+
+    def one(x, s):
+        if isinstance(x, jax.Array):
+            return jax.device_put(x, s)
+        if not isinstance(x, Lazy):
+            return jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx])
+        wanted = {key(i): i for i in s.addressable_devices_indices_map(tuple(x.shape)).values()}
+        parts = dict(zip(wanted, x.read_many(list(wanted.values())), strict=True))
+        return jax.make_array_from_callback(tuple(x.shape), s, lambda idx: parts[key(idx)])
+
+    return jax.tree.map(one, tree, shardings)
 
 
 def place_batch(batch: Mapping[str, np.ndarray], mesh, local: bool = False, rules: Mapping = RULES) -> dict:

@@ -64,9 +64,11 @@ def init_adapters(params: Mapping, targets: list[str], rank: int, seed: int, ran
                   dora: bool = False) -> dict:
     """Adapters for the targeted kernels: A ~ U(+-1/sqrt(in)) (PEFT's default), B = 0.
 
-    `rank_overrides` is a sequence of (module regex, rank) pairs, first match wins. With `dora`,
-    each kernel also gets its DoRA magnitude m = the column norms of the kernel [.., out], so the
-    adapted model still equals the base model at step 0.
+    Only the kernels' shapes are used, so `params` may be lazy (`io/lazy.py`). `rank_overrides`
+    is a sequence of (module regex, rank) pairs, first match wins. With `dora`, each kernel also
+    gets a DoRA magnitude [.., out], left here as a `jax.ShapeDtypeStruct`: `magnitudes` computes
+    it from the placed base (m = the column norms of the kernel, so the adapted model still
+    equals the base model at step 0) without any host reading a whole kernel.
     """
     flat = flatten(params)
     out = {}
@@ -82,8 +84,31 @@ def init_adapters(params: Mapping, targets: list[str], rank: int, seed: int, ran
         out[f"{mod}/lora_a"] = rng.uniform(-bound, bound, (*lead, fan_in, r)).astype(np.float32)
         out[f"{mod}/lora_b"] = np.zeros((*lead, r, fan_out), np.float32)
         if dora:
-            out[f"{mod}/lora_magnitude"] = np.asarray(column_norm(jnp.asarray(kernel, jnp.float32)))
+            out[f"{mod}/lora_magnitude"] = jax.ShapeDtypeStruct((*lead, fan_out), np.float32)
     return unflatten(out)
+
+
+def magnitudes(adapters: Mapping, base: Mapping, shardings: Mapping) -> dict:
+    """`adapters` with each DoRA magnitude still to compute (a `jax.ShapeDtypeStruct` from
+    `init_adapters`) computed from `base`: the column norms of the kernel the model sees
+    (dequantised, if stored quantised), in one jitted call on the sharded base, laid out as
+    `shardings` say. On a mesh that splits the input dimension the sums run per shard and then
+    across shards, so a norm can differ from a one-device sum in the last bit."""
+    flat, fb, sh = flatten(adapters), flatten(base), flatten(shardings)
+    todo = {p[: -len("/lora_magnitude")]: p for p, v in flat.items()
+            if p.endswith("/lora_magnitude") and isinstance(v, jax.ShapeDtypeStruct)}
+    if not todo:
+        return dict(adapters)
+    kinds = {mod: next((k for k in quant.KINDS if f"{mod}/kernel_{k}" in fb), None) for mod in todo}
+    leaves = {mod: ((fb[f"{mod}/kernel"],) if kind is None else (fb[f"{mod}/kernel_{kind}"], fb[f"{mod}/kernel_absmax"]))
+              for mod, kind in kinds.items()}
+
+    def norms(leaves):
+        return {mod: column_norm(x[0] if kinds[mod] is None else quant.dequantize(*x, kinds[mod]))
+                for mod, x in leaves.items()}
+
+    got = jax.jit(norms, out_shardings={mod: sh[p] for mod, p in todo.items()})(leaves)
+    return unflatten(flat | {p: got[mod] for mod, p in todo.items()})
 
 
 def column_norm(w: jax.Array) -> jax.Array:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sftjax.errors import UserError
+from sftjax.io.lazy import as_lazy
 from sftjax.models.layers import Embed
 from sftjax.models.layout import STACKED, per_layer
 from sftjax.models.llama import Attention, LlamaConfig, init_cache
@@ -30,12 +31,14 @@ from sftjax.peft.adapted import Transform, hook
 
 
 def init(method: str, base: Mapping, mcfg: LlamaConfig, length: int, seed: int, scan_layers: bool) -> dict:
-    """The trainable subtree for `method` (prompt | prefix)."""
+    """The trainable subtree for `method` (prompt | prefix). `base` may be lazy (`io/lazy.py`):
+    a prompt reads only the embedding rows it starts from."""
     rng = np.random.default_rng(seed)
     if method == "prompt":
-        emb = np.asarray(flatten(base)["embed_tokens/embedding"])
+        emb = as_lazy(flatten(base)["embed_tokens/embedding"])
         ids = rng.integers(0, emb.shape[0], length)
-        return {"prompt_embedding": emb[ids].astype(np.float32)}
+        rows = emb.read_many([(slice(int(i), int(i) + 1), slice(None)) for i in ids])
+        return {"prompt_embedding": np.concatenate(rows).astype(np.float32)}
     shape = (mcfg.num_hidden_layers, length, mcfg.num_key_value_heads, mcfg.dim_per_head)
     out = {}
     for leaf in ("prefix_k", "prefix_v"):

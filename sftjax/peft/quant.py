@@ -8,6 +8,19 @@ In the tree the kernel leaf is replaced by `kernel_nf4` or `kernel_int8` plus `k
 the `Quantized` transform dequantises them inside each `Dense`'s matmul, so the full-precision
 kernel exists only transiently in the compiled step. LoRA adapters stay float32. Not done here:
 QLoRA's double quantisation of the absmax values (it would save another ~0.37 bit per weight).
+
+Quantisation happens per shard, while the base is placed: `quantize_tree` turns each kernel into
+two lazy leaves (`io/lazy.py`) that read and quantise only the rows a device holds, layer by
+layer, so no host ever holds a full float copy. Codes and absmax are sharded along the kernel's
+input dimension (its mesh axes) and kept whole along the output dimension: blocks run along the
+row-major flattened [in, out] kernel, so a shard of whole rows holds whole blocks whenever its
+absmax slice is whole (the mesh's divisibility check on the absmax leaf guarantees it), and the
+per-shard result is the global quantisation, bit for bit. Splitting the output dimension as
+well would need a [.., in, out/64] absmax, which cuts blocks apart wherever out / shards is not a
+multiple of 64 (SmolLM2's 576-wide q_proj on tensor=2: 4.5 blocks) and cannot hold a kernel
+narrower than a block (a 32-wide k_proj). The cost: a kernel whose input axis is not split by
+the mesh (o_proj, down_proj on an fsdp-only mesh with the default rules) keeps whole quantised
+codes on every device, unless `mesh.rules` maps its input axis (heads, mlp) to fsdp too.
 """
 
 from __future__ import annotations
@@ -20,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sftjax.errors import UserError
+from sftjax.io.lazy import Index, Lazy, as_lazy, key, normalise
 from sftjax.models.layers import Dense, dot
 from sftjax.models.layout import LAYER
 from sftjax.params import flatten, unflatten
@@ -36,12 +50,17 @@ KINDS = ("nf4", "int8")
 LAYER_KERNEL = re.compile(LAYER + r".*/kernel$")
 
 
+def _check(shape) -> None:
+    *_, fan_in, fan_out = shape
+    if (fan_in * fan_out) % BLOCK or fan_out % 2:
+        raise UserError(f"model.quantize: a kernel of shape {tuple(shape)} does not split into blocks of {BLOCK}")
+
+
 def quantize(w: np.ndarray, kind: str) -> dict[str, np.ndarray]:
     """[.., in, out] float kernel -> {kernel_<kind>: codes, kernel_absmax: [.., in*out/64]}."""
+    _check(w.shape)
     *lead, fan_in, fan_out = w.shape
     n = fan_in * fan_out
-    if n % BLOCK or fan_out % 2:
-        raise UserError(f"model.quantize: a kernel of shape {w.shape} does not split into blocks of {BLOCK}")
     blocks = np.asarray(w, np.float32).reshape(*lead, n // BLOCK, BLOCK)
     absmax = np.abs(blocks).max(-1)
     scaled = blocks / np.where(absmax == 0, 1.0, absmax)[..., None]
@@ -52,6 +71,67 @@ def quantize(w: np.ndarray, kind: str) -> dict[str, np.ndarray]:
         idx = np.searchsorted(mid, scaled).astype(np.uint8).reshape(*lead, fan_in, fan_out // 2, 2)
         codes = (idx[..., 0] << 4) | idx[..., 1]
     return {f"kernel_{kind}": codes, "kernel_absmax": absmax.astype(np.float32)}
+
+
+class _RowQuantiser:
+    """Quantises row ranges of one lazy kernel for its two leaves (codes, absmax): each range is
+    read and quantised once, kept until the other leaf has taken its part. A stacked kernel is
+    read one layer at a time, so no more than one layer's float rows are in memory."""
+
+    def __init__(self, kernel: Lazy, kind: str):
+        self.kernel, self.kind, self.kept = kernel, kind, {}
+
+    def parts(self, rows: list[Index]) -> list[dict[str, np.ndarray]]:
+        todo = [r for r in rows if key(r) not in self.kept]
+        fresh = dict(zip(map(key, todo), self._quantise(todo), strict=True))
+        out = [fresh[key(r)] if key(r) in fresh else self.kept.pop(key(r)) for r in rows]
+        self.kept.update(fresh)
+        return out
+
+    def _quantise(self, rows: list[Index]) -> list[dict[str, np.ndarray]]:
+        if self.kernel.ndim == 2 or not rows:
+            return [quantize(w, self.kind) for w in self.kernel.read_many(rows)]
+        outs: list[dict[str, np.ndarray]] = [{} for _ in rows]
+        for layer in range(self.kernel.shape[0]):
+            wanted = [k for k, r in enumerate(rows) if r[0].start <= layer < r[0].stop]
+            got = self.kernel.read_many([(slice(layer, layer + 1), *rows[k][1:]) for k in wanted]) if wanted else []
+            for k, w in zip(wanted, got, strict=True):
+                for leaf, q in quantize(w, self.kind).items():
+                    if leaf not in outs[k]:
+                        outs[k][leaf] = np.empty((rows[k][0].stop - rows[k][0].start, *q.shape[1:]), q.dtype)
+                    outs[k][leaf][layer - rows[k][0].start] = q[0]
+        return outs
+
+
+class QuantizedLeaf(Lazy):
+    """The codes or the absmax of a kernel quantised by rows (see the module docstring)."""
+
+    def __init__(self, rq: _RowQuantiser, leaf: str):
+        *lead, fan_in, fan_out = rq.kernel.shape
+        self.rq, self.leaf, self.fan_out = rq, leaf, fan_out
+        if leaf == "kernel_absmax":
+            self.shape, self.dtype = (*lead, fan_in * fan_out // BLOCK), np.dtype(np.float32)
+        elif rq.kind == "nf4":
+            self.shape, self.dtype = (*lead, fan_in, fan_out // 2), np.dtype(np.uint8)
+        else:
+            self.shape, self.dtype = (*lead, fan_in, fan_out), np.dtype(np.int8)
+
+    def _rows(self, index: Index) -> Index:
+        """The kernel slice (whole rows) that quantises to this leaf's `index`."""
+        *lead, last = normalise(index, self.shape)
+        out = slice(0, self.fan_out)
+        if self.leaf != "kernel_absmax":
+            if (last.start, last.stop) != (0, self.shape[-1]):
+                raise ValueError(f"{self.leaf}: the output dimension of quantised codes is never split, got {index}")
+            return (*lead, out)
+        start, stop = last.start * BLOCK, last.stop * BLOCK
+        if start % self.fan_out or stop % self.fan_out:
+            raise ValueError(f"kernel_absmax: slice {index} cuts rows of {self.fan_out} values apart")
+        return (*lead, slice(start // self.fan_out, stop // self.fan_out), out)
+
+    def read_many(self, indices):
+        return [p[self.leaf if self.leaf == "kernel_absmax" else f"kernel_{self.rq.kind}"]
+                for p in self.rq.parts([self._rows(i) for i in indices])]
 
 
 def dequantize(codes, absmax, kind: str):
@@ -66,13 +146,16 @@ def dequantize(codes, absmax, kind: str):
 
 
 def quantize_tree(frozen: Mapping, kind: str) -> dict:
-    """Quantise every frozen decoder-layer kernel of `frozen`; other leaves are kept."""
+    """Every frozen decoder-layer kernel of `frozen` as lazy quantised leaves (codes, absmax),
+    quantised shard by shard when placed; other leaves are kept."""
     out = {}
     hits = 0
     for path, v in flatten(frozen).items():
         if LAYER_KERNEL.search(path):
+            _check(v.shape)
             mod = path[: -len("/kernel")]
-            out |= {f"{mod}/{k}": q for k, q in quantize(np.asarray(v), kind).items()}
+            rq = _RowQuantiser(as_lazy(v), kind)
+            out |= {f"{mod}/{leaf}": QuantizedLeaf(rq, leaf) for leaf in (f"kernel_{kind}", "kernel_absmax")}
             hits += 1
         else:
             out[path] = v
@@ -134,9 +217,10 @@ class Quantized(Transform):
         return dequantize_tree(params)
 
     def axes(self, path: str, ndim: int, base: Mapping[str, tuple]) -> tuple | None:
-        """Codes and absmax keep the kernel's layer axis (if any); the rest is unsharded."""
+        """The kernel's layer axis (if any) and input axis; the output axis stays whole, so shards
+        hold whole blocks (see the module docstring)."""
         mod, _, leaf = path.rpartition("/")
         if not leaf.startswith("kernel_"):
             return None
-        lead = tuple(base[f"{mod}/kernel"][:-2])
-        return (*lead, None) if leaf == "kernel_absmax" else (*lead, None, None)
+        *lead, fan_in, _ = base[f"{mod}/kernel"]
+        return (*lead, fan_in) if leaf == "kernel_absmax" else (*lead, fan_in, None)
