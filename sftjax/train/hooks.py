@@ -6,6 +6,7 @@ new hooks registered in `train.loop.hooks_for`; the loop itself does not change.
 from __future__ import annotations
 
 import logging
+import resource
 import time
 
 import jax
@@ -43,6 +44,16 @@ def fmt(d: dict) -> str:
     return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
 
 
+def peak_memory() -> tuple[int, str]:
+    """(bytes, what was measured): the first local device's peak allocation where the backend
+    reports it (GPU, TPU), else this process's peak resident set (CPU, where device memory is host
+    memory)."""
+    stats = jax.local_devices()[0].memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host_rss"
+
+
 class LogMetrics(Hook):
     """Every `every` steps and at the end: train scalars to TensorBoard and the progress bar,
     tokens/s and MFU after the compile step, the non-pad fraction, and a non-finite loss check (at
@@ -71,7 +82,9 @@ class LogMetrics(Hook):
         self.real, self.slots = self.real + n_real, self.slots + batch["valid"].size * jax.process_count()
         if self.compiled_at is None:  # the first step includes compilation; rates start after it
             jax.block_until_ready(metrics)
-            self.t_last, self.tok_since, self.flops_since, self.compiled_at = time.perf_counter(), 0, 0.0, done
+            now = time.perf_counter()
+            loop.results["first_step_secs"] = now - self.t_last  # compile + the first step
+            self.t_last, self.tok_since, self.flops_since, self.compiled_at = now, 0, 0.0, done
         if done % self.every == 0 or done == loop.steps:
             self.log(loop, done, metrics)
 
@@ -86,12 +99,15 @@ class LogMetrics(Hook):
             m["tokens_per_sec"] = self.tok_since / (now - self.t_last)
             self.run_tokens, self.run_secs = self.run_tokens + self.tok_since, self.run_secs + now - self.t_last
             loop.results["train_tokens_per_sec"] = self.run_tokens / self.run_secs  # mean over this run, after compile
+            loop.results["train_step_secs"] = self.run_secs / (done - self.compiled_at)
             if self.peak is not None:
                 m["mfu"] = self.flops_since / (now - self.t_last) / self.peak.total
                 self.run_flops += self.flops_since
                 loop.results["train_mfu"] = self.run_flops / self.run_secs / self.peak.total
                 loop.results["peak_flops_per_sec"], loop.results["peak_source"] = self.peak.total, self.peak.source
         self.t_last, self.tok_since, self.flops_since = now, 0, 0.0
+        loop.results["train_loss"] = m["loss"]
+        loop.results["peak_memory_bytes"], loop.results["peak_memory_of"] = peak_memory()
         self.writer.scalars(done, m, "train/")
         self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m.get('tokens_per_sec', 0):.0f}")
 
