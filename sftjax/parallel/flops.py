@@ -154,6 +154,14 @@ def _position(path: str, num_layers: int) -> int | None:
     return None
 
 
+def backward_rule(trainable, num_layers: int, embeddings_grad: bool = False):
+    """depth -> whether the backward pass goes through it: something trainable lies below that
+    depth, or in the same decoder layer (depths as `_position`: -1 embeddings .. L+1 head)."""
+    depths = [d for d in (_position(p, num_layers) for p in trainable) if d is not None]
+    lowest = min(depths + ([-1] if embeddings_grad else []), default=num_layers + 2)
+    return lambda pos: lowest < pos or (lowest == pos and 0 <= pos < num_layers)
+
+
 def _matmul_entries(path: str, shape: tuple[int, ...]) -> int:
     """Weight entries a token multiplies through at this leaf (0 for non-matmul leaves)."""
     leaf = path.rpartition("/")[2]
@@ -177,12 +185,7 @@ def training_cost(mcfg, shapes: Mapping[str, tuple[int, ...]], trainable: set[st
       embeddings_grad: the gradient of the input embeddings is needed even if they are frozen (FGM).
     """
     n_layers = mcfg.num_hidden_layers
-    depths = [_position(p, n_layers) for p in trainable]
-    lowest = min([d for d in depths if d is not None] + ([-1] if embeddings_grad else []), default=n_layers + 2)
-
-    def backward_through(pos: int) -> bool:
-        return lowest < pos or (lowest == pos and 0 <= pos < n_layers)
-
+    backward_through = backward_rule(trainable, n_layers, embeddings_grad)
     layers_with_backward = sum(backward_through(i) for i in range(n_layers))
     per_token = per_target = 0.0
     extra_keys = 0

@@ -29,12 +29,24 @@ class TrainState:
     opt_state: Any
 
 
+def opt_state_shardings(tx: optax.GradientTransformation, trainable, mesh):
+    """Where each optimizer-state leaf lives: a leaf that mirrors a parameter (AdamW's and Lion's
+    moments) with that parameter's sharding, anything else (step counts, Adafactor's factored
+    moments) replicated. Left to itself, `jit(tx.init)` puts the fresh zeros on one device, and
+    the state ended up replicated on every device, unsharded by fsdp or tensor parallelism."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract = jax.eval_shape(tx.init, trainable)
+    return optax.tree_map_params(tx, lambda s, p: p.sharding if s.shape == p.shape else replicated, abstract,
+                                 trainable, transform_non_params=lambda _: replicated)
+
+
 def init_state(setup, optim_cfg, total_steps: int):
     """(TrainState at step 0, optimizer, schedule); also the restore target for checkpoints."""
     tx, sched = make_optimizer(optim_cfg, setup.trainable, total_steps)
-    state = TrainState(jnp.zeros((), jnp.int32), setup.trainable, jax.jit(tx.init)(setup.trainable))
-    # Pin every leaf to a mesh sharding (scalars and anything XLA left on one device: replicated),
-    # so the jitted step's outputs match its inputs and it compiles exactly once.
+    opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, setup.trainable, setup.mesh))(setup.trainable)
+    state = TrainState(jnp.zeros((), jnp.int32), setup.trainable, opt_state)
+    # Pin every leaf to a mesh sharding (scalars: replicated), so the jitted step's outputs match
+    # its inputs and it compiles exactly once.
     replicated = NamedSharding(setup.mesh, PartitionSpec())
     shardings = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, state)
     return jax.device_put(state, shardings), tx, sched

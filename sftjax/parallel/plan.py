@@ -1,0 +1,439 @@
+"""Will a run fit? Per-device memory of a training step on a mesh, from the config alone.
+
+`sftjax plan` answers before anything is loaded or compiled, for any device count, and works for
+a model described only by a config.json (no weights).
+
+**Parameters, gradients, optimizer state** are counted, not modelled: `abstract_params` runs the
+same split as training (`build.split`) on shape-only leaves, so LoRA/DoRA adapters, prompt and
+prefix tuning, `train.freeze` and quantised frozen kernels (NF4 codes: half a byte per weight,
+int8 codes, float32 absmax per 64 values) come out exactly; each leaf is laid out by its logical
+axes and `mesh.rules` as training lays it out, and a device holds its shard. Gradients: one
+float32 copy of the trainable shards (the scan builds the stacked layers' gradients in place).
+Optimizer state: optax's own `init` on the per-device trainable shapes (AdamW: 2x trainable
+float32; Lion: 1x; Adafactor: factored second moments).
+
+**Activations** are a model of what the backward pass keeps (read off `jax.ad_checkpoint`'s saved
+residuals of the decoder layer, and checked against XLA's compiled memory of the real step, see
+`compiled_memory`). Per device: t = micro-batch / data-parallel size x data.max_length tokens
+(the longest bucket, every position a head position); d hidden, H and K query and key/value
+heads of size h, I MLP width, T length, V vocabulary, r LoRA rank, b bytes of model.dtype; H, K,
+I and V are divided by the mesh axes their rules give them where those divide them (the model
+pins heads and MLP units so; otherwise they stay whole). Each decoder layer that the backward pass
+goes through (something trainable lies in it or below it) keeps per token, by `model.remat`:
+
+- none: the two RMSNorm inputs (2d float32), q, k, v ((H + 2K) h b), the attention scores twice
+  (float32 and b: H T (4 + b)), five MLP-wide values (5 I b), each LoRA adapter's r b, and the
+  input of each trained matmul: the normed input for q/k/v and for gate/up (d b each), the
+  attention output for o (H h b), the MLP hidden for down (I b); d float32 per trained norm scale.
+- dots_with_no_batch_dims_saveable: the weight matmuls' outputs ((H + 2K) h + 2d + 2I, and each
+  adapter's r + output width), in b.
+- dots_saveable: those and the attention scores (4 H T).
+- full: the layer input (d b).
+- offload: the layer input on the device; the dots_with_no_batch_dims_saveable set in host memory.
+
+Plus a working set: the larger of the head's (logits, their exponentials and their gradient:
+3 V float32 per token, and the attention mask broadcast over heads, H T (1 + 4)) and, with remat,
+the one layer recomputed at a time (its `none` set).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import optax
+
+from sftjax import params as P
+from sftjax.config import MESH_AXES
+from sftjax.errors import UserError
+from sftjax.io.lazy import Lazy, normalise
+from sftjax.models.layout import STACKED, UNROLLED
+from sftjax.models.llama import LlamaConfig
+from sftjax.parallel.flops import backward_rule
+
+GiB = 1024**3
+PARTS = ("frozen", "trainable", "gradients", "optimizer", "activations", "batch")
+
+
+class _Shape(Lazy):
+    """A weight known by its shape alone. Reads give zeros: the only read a split makes is
+    prompt tuning's starting embedding rows, whose values do not matter here."""
+
+    def __init__(self, shape, dtype=np.float32):
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+
+    def read_many(self, indices):
+        return [np.zeros([s.stop - s.start for s in normalise(i, self.shape)], self.dtype) for i in indices]
+
+
+def model_config(path: str) -> LlamaConfig:
+    """The architecture of `model.path`, no weight read: a HF folder's config.json (the folder may
+    hold nothing else), or a GGUF file's metadata."""
+    from sftjax.io.load import resolve
+
+    kind, file = resolve(path)
+    if kind == "gguf":
+        from sftjax.io.gguf_file import open_model
+
+        return open_model(file)[0]
+    from sftjax.io.hf import config_from_hf
+
+    cfg_path = os.path.join(file, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise UserError(f"model.path: {file} has no config.json")
+    with open(cfg_path) as f:
+        return config_from_hf(json.load(f), cfg_path)
+
+
+def base_shapes(mcfg: LlamaConfig) -> dict:
+    """The base model's parameters as ShapeDtypeStructs (layers stacked), from its init unrun."""
+    from sftjax.models.llama import Llama
+
+    boxed = jax.eval_shape(lambda: Llama(mcfg).init(jax.random.key(0), np.zeros((1, 8), np.int32)))["params"]
+    return jax.tree.map(lambda x: getattr(x, "value", x), boxed, is_leaf=lambda x: hasattr(x, "value"))
+
+
+def abstract_params(cfg, mcfg: LlamaConfig) -> tuple[dict, dict]:
+    """(trainable, frozen) trees of jax.ShapeDtypeStruct, split exactly as `build.split` splits
+    real weights (it runs here on shape-only leaves); quantised leaves with their storage dtypes."""
+    from sftjax.build import split
+    from sftjax.models import layout
+
+    base = jax.tree.map(lambda x: _Shape(x.shape), base_shapes(mcfg))
+    if not cfg.model.scan_layers:
+        base = layout.unstack(base, mcfg.num_hidden_layers)
+    trainable, frozen = split(cfg, base, mcfg)
+    struct = lambda x: jax.ShapeDtypeStruct(tuple(np.shape(x)), np.dtype(x.dtype))  # noqa: E731
+    return jax.tree.map(struct, trainable), jax.tree.map(struct, frozen)
+
+
+def mesh_sizes(mesh_cfg, n: int) -> dict[str, int]:
+    """mesh.data/fsdp/tensor for `n` devices (one of them may be -1: the rest), as `make_mesh`."""
+    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise UserError("mesh: at most one of mesh.data/fsdp/tensor may be -1")
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if n % known:
+            raise UserError(f"mesh: {n} devices cannot be split with the fixed axes of size {known}")
+        sizes[sizes.index(-1)] = n // known
+    if math.prod(sizes) > n:
+        raise UserError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are only {n} devices")
+    return dict(zip(MESH_AXES, sizes, strict=True))
+
+
+def factorisations(n: int) -> list[dict[str, int]]:
+    """Every (data, fsdp, tensor) with data * fsdp * tensor = n."""
+    divisors = [k for k in range(1, n + 1) if n % k == 0]
+    return [dict(zip(MESH_AXES, (a, b, n // (a * b)), strict=True))
+            for a, b in itertools.product(divisors, divisors) if n % (a * b) == 0]
+
+
+def _split_size(rules, sizes, name: str | None) -> int:
+    return math.prod(sizes[a] for a in rules.get(name, ())) if name else 1
+
+
+def shard_shapes(tree: dict, axes: dict, sizes: dict, rules: dict, problems: list[str]) -> dict:
+    """{path: per-device shape}; a dimension its mesh axes do not divide is listed in `problems`
+    (with the message training would raise) and counted whole."""
+    from sftjax.parallel.mesh import spec_for
+
+    mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), tuple(sizes))
+    flat_axes, out = P.flatten(axes), {}
+    for path, x in P.flatten(tree).items():
+        shape = tuple(x.shape)
+        try:
+            spec = spec_for(path, shape, flat_axes[path], mesh, rules)
+        except UserError as e:
+            problems.append(str(e))
+            out[path] = shape
+            continue
+        out[path] = tuple(d // math.prod(sizes[a] for a in ((s,) if isinstance(s, str) else s or ()))
+                          for d, s in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True))
+    return out
+
+
+def _nbytes(shapes: dict, dtypes: dict) -> int:
+    return sum(math.prod(s) * np.dtype(dtypes[p]).itemsize for p, s in shapes.items())
+
+
+@dataclass
+class Estimate:
+    """Per-device bytes of one training step on one mesh, by part, and what stops it from running."""
+
+    mesh: dict[str, int]
+    frozen: int = 0
+    trainable: int = 0
+    gradients: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    batch: int = 0
+    host_offload: int = 0  # model.remat=offload: activations kept in host memory instead
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, k) for k in PARTS)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def _layer_modules(trainable: dict, n_layers: int) -> list[dict[str, int]]:
+    """Per layer: {module inside the layer (`self_attn/q_proj`, `input_layernorm`): LoRA rank, or 0}
+    for every module holding a trainable leaf there (a stacked leaf counts for every layer)."""
+    out: list[dict[str, int]] = [{} for _ in range(n_layers)]
+    for p, x in trainable.items():
+        m = UNROLLED.match(p)
+        at = range(n_layers) if p.startswith(STACKED) else [int(m.group(1))] if m else []
+        mod, _, leaf = (p[len(STACKED):] if p.startswith(STACKED) else m.group(2) if m else p).rpartition("/")
+        for i in at:
+            out[i][mod] = max(out[i].get(mod, 0), x.shape[-1] if leaf == "lora_a" else 0)
+    return out
+
+
+def activation_bytes(cfg, mcfg: LlamaConfig, trainable: dict, sizes: dict, rules: dict) -> tuple[int, int, list[str]]:
+    """(device bytes, host bytes, notes) of the activations one micro-batch keeps (module docstring)."""
+    notes = []
+    n_layers, d, inner, vocab = mcfg.num_hidden_layers, mcfg.hidden_size, mcfg.intermediate_size, mcfg.vocab_size
+    n_h, n_kv, h = mcfg.num_attention_heads, mcfg.num_key_value_heads, mcfg.dim_per_head
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    tokens = micro / _split_size(rules, sizes, "batch") * cfg.data.max_length
+    b = 2 if cfg.model.dtype == "bfloat16" else 4
+
+    def share(count: int, name: str) -> float:
+        k = _split_size(rules, sizes, name)
+        if k > 1 and count % k:
+            notes.append(f"activations: {name} ({count}) does not split over mesh axes {rules[name]} of size {k}; "
+                         "kept whole on each device")
+            return 1.0
+        return 1.0 / k
+
+    heads, q_w, kv_w, mlp = n_h * share(n_h, "heads"), n_h * h * share(n_h, "heads"), n_kv * h * share(n_kv, "kv"), \
+        inner * share(inner, "mlp")
+    flat = P.flatten(trainable)
+    prefix = [x.shape[-3] for p, x in flat.items() if p.endswith("/prefix_k")] + \
+             [x.shape[0] for p, x in flat.items() if p == "prompt_embedding"]
+    keys = cfg.data.max_length + max(prefix, default=0)  # prefix/prompt tuning: P more keys
+    width = {"q_proj": q_w, "k_proj": kv_w, "v_proj": kv_w, "o_proj": d, "gate_proj": mlp, "up_proj": mlp,
+             "down_proj": d}
+
+    def none_set(mods: dict[str, int]) -> float:
+        """Bytes per token one layer keeps without remat."""
+        names = {m.rpartition("/")[2] for m in mods}
+        x = 2 * d * 4 + (q_w + 2 * kv_w) * b + heads * keys * (4 + b) + 5 * mlp * b + sum(mods.values()) * b
+        x += d * b * bool(names & {"q_proj", "k_proj", "v_proj"}) + q_w * b * ("o_proj" in names)
+        x += d * b * bool(names & {"gate_proj", "up_proj"}) + mlp * b * ("down_proj" in names)
+        return x + d * 4 * len(names & {"input_layernorm", "post_attention_layernorm"})
+
+    def dots_set(mods: dict[str, int]) -> float:
+        adapters = sum(r + width[m.rpartition("/")[2]] for m, r in mods.items() if r)
+        return (q_w + 2 * kv_w + 2 * d + 2 * mlp + adapters) * b
+
+    policy, modules = cfg.model.remat, _layer_modules(flat, n_layers)
+    backward = backward_rule(flat, n_layers, cfg.train.fgm_epsilon > 0)
+    layers = [i for i in range(n_layers) if backward(i)]
+    kept = host = 0.0
+    for i in layers:
+        if policy == "none":
+            kept += none_set(modules[i])
+        elif policy in ("full", "offload"):
+            kept += d * b
+            host += dots_set(modules[i]) if policy == "offload" else 0
+        else:
+            kept += dots_set(modules[i]) + (heads * keys * 4 if policy == "dots_saveable" else 0)
+    head = 3 * vocab * share(vocab, "vocab") * 4 + heads * keys * 5
+    recompute = max((none_set(modules[i]) for i in layers), default=0.0) if policy != "none" else 0.0
+    return int(tokens * (kept + max(head, recompute))), int(tokens * host), notes
+
+
+def estimate(cfg, mcfg: LlamaConfig, sizes: dict[str, int], trees=None) -> Estimate:
+    """The per-device memory of `cfg`'s training step on a (data, fsdp, tensor) = `sizes` mesh."""
+    from sftjax.build import logical_axes, transforms
+    from sftjax.models.llama import Llama
+    from sftjax.parallel.mesh import rules_from
+    from sftjax.peft.adapted import Adapted
+    from sftjax.train.optim import make_optimizer
+
+    rules = rules_from(cfg.mesh)
+    trainable, frozen = trees or abstract_params(cfg, mcfg)
+    axes = logical_axes(Adapted(Llama(mcfg), transforms(cfg)), [trainable, frozen])
+    est = Estimate(dict(sizes))
+    dtypes = {p: x.dtype for p, x in (P.flatten(trainable) | P.flatten(frozen)).items()}
+    t_shapes = shard_shapes(trainable, axes, sizes, rules, est.problems)
+    f_shapes = shard_shapes(frozen, axes, sizes, rules, est.problems)
+    est.trainable, est.frozen = _nbytes(t_shapes, dtypes), _nbytes(f_shapes, dtypes)
+    est.gradients = sum(math.prod(s) * 4 for s in t_shapes.values())
+    # optax's own state for the whole tree; a leaf that mirrors a parameter is sharded like it
+    # (`train.step.opt_state_shardings`), anything else (counts, factored moments) is replicated.
+    tx, _ = make_optimizer(cfg.optim, trainable, cfg.train.steps)
+    whole = lambda s: s.size * s.dtype.itemsize  # noqa: E731
+    per_leaf = optax.tree_map_params(
+        tx, lambda s, p, n: n * s.dtype.itemsize if s.shape == p.shape else whole(s), jax.eval_shape(tx.init, trainable),
+        trainable, P.unflatten({p: math.prod(s) for p, s in t_shapes.items()}), transform_non_params=whole)
+    est.optimizer = int(sum(jax.tree.leaves(per_leaf)))
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    dp = _split_size(rules, sizes, "batch")
+    if micro % dp:
+        est.problems.append(f"train.batch_size: micro-batch {micro} is not divisible by the data-parallel size {dp} "
+                            f"(mesh axes {tuple(rules['batch'])})")
+    per_row = 4 + 1 + 4 + 4 + 4 + (8 if cfg.data.packing else 0)  # ids, valid, labels, weights, source (+ packing)
+    est.batch = int(cfg.train.batch_size / dp * cfg.data.max_length * per_row)
+    est.activations, est.host_offload, est.notes = activation_bytes(cfg, mcfg, trainable, sizes, rules)
+    return est
+
+
+def parse_bytes(text: str) -> int:
+    """'16GiB', '80GB', '512MiB', '1e9' -> bytes (GB/MB are decimal, GiB/MiB binary)."""
+    m = re.fullmatch(r"\s*([\d.e+]+)\s*([kmgt]i?b?)?\s*", text.lower())
+    if not m:
+        raise UserError(f"--device-memory: {text!r} is not a size such as 16GiB or 80GB")
+    unit = m.group(2) or ""
+    scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[unit[:1]]
+    if "i" in unit:
+        scale = 1024 ** " kmgt".index(unit[0])
+    return int(float(m.group(1)) * scale)
+
+
+def abstract_batch(cfg, mesh, rules) -> dict:
+    """The step's batch as ShapeDtypeStructs: train.batch_size rows of data.max_length, laid out as
+    `place_batch` lays it out, the head at every position (no `head_positions`)."""
+    from sftjax.parallel.mesh import batch_sharding
+
+    s = batch_sharding(mesh, rules)
+    shape = (cfg.train.batch_size, cfg.data.max_length)
+    dtypes = {"input_ids": np.int32, "valid": np.bool_, "labels": np.int32, "weights": np.float32, "source": np.int32}
+    if cfg.data.packing:
+        dtypes |= {"segment_ids": np.int32, "position_ids": np.int32}
+    return {k: jax.ShapeDtypeStruct(shape, t, sharding=s) for k, t in dtypes.items()}
+
+
+def compiled_memory(cfg, mcfg: LlamaConfig, trees=None) -> dict[str, int]:
+    """XLA's own per-device bytes for the real train step on this process's devices, compiled from
+    shapes alone (no weights): lower + compile + `memory_analysis()`. `peak` = arguments + outputs
+    - donated (aliased) outputs + temporaries."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from sftjax.build import logical_axes, runtime, transforms
+    from sftjax.models.llama import Llama
+    from sftjax.parallel import mesh as M
+    from sftjax.peft.adapted import Adapted
+    from sftjax.train.loop import train_step
+    from sftjax.train.optim import make_optimizer
+    from sftjax.train.step import TrainState, opt_state_shardings
+
+    mesh, rules = M.make_mesh(cfg.mesh), M.rules_from(cfg.mesh)
+    model = Adapted(Llama(mcfg, runtime(cfg.model, mesh, rules)), transforms(cfg))
+    trainable, frozen = trees or abstract_params(cfg, mcfg)
+    axes = logical_axes(model, [trainable, frozen])
+
+    def placed(tree):
+        sh = M.param_shardings(tree, axes, mesh, rules)
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+
+    trainable, frozen = placed(trainable), placed(frozen)
+    tx, sched = make_optimizer(cfg.optim, trainable, cfg.train.steps)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             jax.eval_shape(tx.init, trainable), opt_state_shardings(tx, trainable, mesh))
+    state = TrainState(jax.ShapeDtypeStruct((), np.int32, sharding=replicated), trainable, opt_state)
+    step = train_step(cfg, SimpleNamespace(model=model), tx, sched, state, num_sources=1)
+    ma = step.lower(state, frozen, abstract_batch(cfg, mesh, rules)).compile().memory_analysis()
+    out = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
+def device_memory() -> int | None:
+    """The first device's memory limit where it reports one (GPUs, TPUs); None on CPUs."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def human(n: float) -> str:
+    for unit, scale in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def report(cfg, n_devices: int | None = None, device_memory: int | None = None, compile: bool = True) -> dict:
+    """Everything `sftjax plan` prints: the configured mesh's estimate (beside XLA's compiled figures
+    when this process has the devices), and every (data, fsdp, tensor) mesh of `n_devices` with
+    its total, its problems and whether it fits in `device_memory` bytes per device."""
+    mcfg = model_config(cfg.model.path)
+    n = n_devices or jax.device_count()
+    trees = abstract_params(cfg, mcfg)
+    sizes = mesh_sizes(cfg.mesh, n)
+    chosen = estimate(cfg, mcfg, sizes, trees)
+    out = {"model": cfg.model.path, "devices": n, "device_memory": device_memory,
+           "parameters": sum(x.size for x in jax.tree.leaves(base_shapes(mcfg))),
+           "trainable": sum(x.size for x in jax.tree.leaves(trees[0])),
+           "step": {"micro_batch": cfg.train.batch_size // cfg.train.grad_accum, "grad_accum": cfg.train.grad_accum,
+                    "length": cfg.data.max_length, "dtype": cfg.model.dtype, "remat": cfg.model.remat,
+                    "optimizer": cfg.optim.name},
+           "mesh": chosen.to_dict(), "xla": None}
+    used = math.prod(sizes.values())
+    if compile and not chosen.problems and used <= jax.device_count():
+        fixed = cfg.copy_and_resolve_references()
+        with fixed.unlocked():
+            for a, v in sizes.items():
+                fixed.mesh[a] = v
+        out["xla"] = compiled_memory(fixed, mcfg, trees)
+        out["xla"]["platform"] = jax.devices()[0].platform
+    meshes = []
+    for s in factorisations(n):
+        e = chosen if s == sizes else estimate(cfg, mcfg, s, trees)
+        fits = not e.problems and (device_memory is None or e.total <= device_memory)
+        meshes.append({**e.to_dict(), "fits": fits})
+    out["meshes"] = sorted(meshes, key=lambda m: (bool(m["problems"]), m["total"]))
+    return out
+
+
+def format_report(r: dict) -> str:
+    """`report` as readable plain-text tables."""
+    m, s = r["mesh"], r["step"]
+    sizes = " ".join(f"{a}={v}" for a, v in m["mesh"].items())
+    lines = [f"model {r['model']}: {r['parameters']:,} parameters, {r['trainable']:,} trainable "
+             f"({100 * r['trainable'] / r['parameters']:.3f}%)",
+             f"step: micro-batch {s['micro_batch']} x {s['length']} tokens (x{s['grad_accum']} accumulated), "
+             f"{s['dtype']}, remat {s['remat']}, {s['optimizer']}",
+             "", f"per-device memory on mesh {sizes} ({r['devices']} devices):"]
+    x = r["xla"]
+    rows = [(k, m[k]) for k in PARTS]
+    for k, v in rows:
+        lines.append(f"  {k:<13}{human(v):>12}")
+    lines.append(f"  {'total':<13}{human(m['total']):>12}")
+    if m["host_offload"]:
+        lines.append(f"  {'(host)':<13}{human(m['host_offload']):>12}  activations offloaded to host memory")
+    if x is not None:
+        held = m["frozen"] + m["trainable"] + m["optimizer"] + m["batch"]
+        lines += ["", f"  estimate vs XLA's compiled step ({x['platform']}, memory_analysis):",
+                  f"  {'':<31}{'estimate':>12}{'XLA':>12}",
+                  f"  {'weights, optimizer, batch':<31}{human(held):>12}{human(x['argument']):>12}  (arguments)",
+                  f"  {'gradients, activations':<31}{human(m['gradients'] + m['activations']):>12}"
+                  f"{human(x['temp']):>12}  (temporaries)",
+                  f"  {'peak':<31}{human(m['total']):>12}{human(x['peak']):>12}  "
+                  f"(estimate / XLA = {m['total'] / x['peak']:.2f})"]
+    if m["problems"]:
+        lines += ["", "problems (training would stop at the first):"] + [f"  - {p}" for p in m["problems"]]
+    if m["notes"]:
+        lines += ["", "notes:"] + [f"  - {n}" for n in m["notes"]]
+    budget = r["device_memory"]
+    title = f"meshes of {r['devices']} devices" + (f" (fits: total <= {human(budget)})" if budget else "")
+    lines += ["", title + ":", f"  {'data':>5}{'fsdp':>6}{'tensor':>7}{'weights':>12}{'optimizer':>12}"
+                                f"{'activations':>13}{'total':>12}  fits"]
+    for e in r["meshes"]:
+        d = e["mesh"]
+        fits = "problems: " + str(len(e["problems"])) if e["problems"] else ("yes" if e["fits"] else "no")
+        lines.append(f"  {d['data']:>5}{d['fsdp']:>6}{d['tensor']:>7}{human(e['frozen'] + e['trainable']):>12}"
+                     f"{human(e['optimizer']):>12}{human(e['activations']):>13}{human(e['total']):>12}  {fits}")
+    return "\n".join(lines)
