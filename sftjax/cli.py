@@ -1,4 +1,4 @@
-"""`sftjax train|data|generate|export|convert`: parse, load the config, dispatch. Thin on purpose.
+"""`sftjax train|data|plan|ablate|generate|export|convert`: parse, load the config, dispatch. Thin on purpose.
 
 User mistakes (UserError) print one `error: ...` line and exit with status 2, no traceback. In a
 multi-process run (`train --distributed`), losing another process (dead, or never joined within
@@ -42,6 +42,21 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     e.add_argument("--format", choices=("merged", "peft"), default="merged",
                    help="merged: a full HF model folder; peft: adapter_config.json + adapter_model.safetensors")
+    pl = sub.add_parser("plan", help="per-device memory of a training step on each mesh, before loading or compiling")
+    pl.add_argument("--config", required=True, help="configs/NAME.py; override keys with --config.a.b=value; "
+                                                    "model.path may be a folder holding only a config.json")
+    pl.add_argument("--devices", type=int, help="plan for N devices (default: this machine's)")
+    pl.add_argument("--device-memory", help="memory per device, e.g. 16GiB or 80GB: which meshes fit "
+                                            "(default: the device's own limit, where it reports one)")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.add_argument("--no-compile", action="store_true",
+                    help="skip the comparison with XLA's compiled step (made when the devices are present)")
+    ab = sub.add_parser("ablate", help="one config over several mesh layouts, each in its own process: a table "
+                                       "of step time, tokens/s, MFU, compile time, peak memory and final loss")
+    ab.add_argument("--config", required=True, help="configs/NAME.py; override keys with --config.a.b=value")
+    ab.add_argument("--meshes", required=True, help='layouts as DATA,FSDP,TENSOR separated by spaces: "8,1,1 2,2,2"')
+    ab.add_argument("--steps", type=int, default=10, help="training steps per layout (the first includes compilation)")
+    ab.add_argument("--workdir", required=True, help="one subfolder (and TensorBoard run) per layout, plus the tables")
     c = sub.add_parser("convert", help="GGUF file -> HF folder")
     c.add_argument("--gguf", required=True, help="a .gguf file, or smollm2-135m-instruct for the embedded model")
     c.add_argument("--out", required=True)
@@ -111,6 +126,29 @@ def _data(args, overrides) -> int:
     return 0
 
 
+def _plan(args, overrides) -> int:
+    import json
+
+    from sftjax.config import load_config
+    from sftjax.parallel.plan import device_memory, format_report, parse_bytes, report
+
+    cfg = load_config(args.config, overrides)
+    budget = parse_bytes(args.device_memory) if args.device_memory else device_memory()
+    r = report(cfg, args.devices, budget, compile=not args.no_compile)
+    print(json.dumps(r, indent=2) if args.json else format_report(r))
+    return 0
+
+
+def _ablate(args, overrides) -> int:
+    from sftjax.config import load_config
+    from sftjax.parallel.ablate import ablate, parse_meshes
+
+    load_config(args.config, overrides)  # a bad config fails once here, not once per layout
+    if args.steps < 2:
+        raise UserError("--steps: at least 2 (the first step includes compilation and is not timed)")
+    return ablate(args.config, overrides, parse_meshes(args.meshes), args.steps, args.workdir)
+
+
 def _convert(args) -> int:
     from sftjax.io.hf import write_hf_folder
     from sftjax.io.load import load_pretrained
@@ -156,10 +194,12 @@ def _export(args) -> int:
 
 
 def _dispatch(args, overrides: list[str]) -> int:
+    if args.cmd in ("plan", "ablate"):
+        return (_plan if args.cmd == "plan" else _ablate)(args, overrides)
     if args.cmd in ("train", "data"):
         return (_train if args.cmd == "train" else _data)(args, overrides)
     if overrides:
-        raise UserError(f"{overrides[0]}: --config.* overrides apply to `train` and `data` only")
+        raise UserError(f"{overrides[0]}: --config.* overrides apply to `train`, `data`, `plan` and `ablate` only")
     return {"convert": _convert, "generate": _generate, "export": _export}[args.cmd](args)
 
 
