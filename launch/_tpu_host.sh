@@ -19,7 +19,10 @@ case ${1:-} in
     echo "$(hostname): sftjax train started (pid $!), log $PWD/train.log"
     ;;
   follow)
-    tail -n +1 --pid="$(cat train.pid)" -F train.log
+    pid=$(cat train.pid)
+    # The run makes train.log as it starts; a tail that opened it only after the run ended could miss it.
+    while [[ ! -e train.log ]] && kill -0 "$pid" 2> /dev/null; do sleep 0.2; done
+    tail -n +1 --pid="$pid" -F train.log
     exit "$(cat train.status 2>/dev/null || echo 1)"
     ;;
   stop)

@@ -81,7 +81,7 @@ def test_tpu_host_runs_sftjax_detached_and_reports_its_status(tmp_path):
     s = subprocess.run(["bash", "-c", _flag(start, "--command")], cwd=home, capture_output=True, text=True, timeout=30)
     assert s.returncode == 0, s.stderr
     f = subprocess.run(["bash", "-c", _flag(follow, "--command")], cwd=home, capture_output=True, text=True, timeout=30)
-    assert f.returncode == 3 and "fake run" in f.stdout
+    assert f.returncode == 3 and "fake run" in f.stdout, (f.returncode, f.stdout, f.stderr)
     assert (home / "sftjax" / "args.txt").read_text().splitlines() == ["train", "--distributed", *ARGS]
 
 
