@@ -208,6 +208,7 @@ class Watch:
                 if self._stop.is_set():
                     return
                 if news:
+                    self._mark("read")
                     self._leave(news[0], LOST)
                 if self.pid == 0:
                     self._judge(seen, beats, done)
@@ -228,7 +229,7 @@ class Watch:
                            f"All {self.n} processes stop (exit {LOST}); run the same command again to resume "
                            "from the last checkpoint")
                 self._post(message)
-                self._leave(message, LOST)
+                self._leave(message, LOST, gone=p)
 
     def _guard(self) -> None:
         while not self._stop.wait(self.interval):
@@ -243,20 +244,34 @@ class Watch:
         except Exception as e:
             log.debug("could not post %r: %s", message, e)
 
-    def _leave(self, message: str | None, status: int) -> NoReturn:
-        """Print `message` (if any) and exit. Process 0 holds the key-value store, so it stays two beats
-        longer: leaving at once would cut the others off before they read the news. (The message comes
+    def _mark(self, what: str) -> None:
+        """Record in the store that this process has read the news, or finished (`what`: read|done)."""
+        try:
+            self.client.key_value_set(f"{_NS}/{what}/{self.pid}", "1", allow_overwrite=True)
+        except Exception as e:
+            log.debug("could not mark %s: %s", what, e)
+
+    def _leave(self, message: str | None, status: int, gone: int | None = None) -> NoReturn:
+        """Print `message` (if any) and exit. Process 0 holds the key-value store, so it first waits
+        until every other process (but the `gone` one) has read the news, posted its own or finished,
+        for at most two beats and a second: leaving at once would cut them off. (The message comes
         after that wait, so it is the last line of the log.)"""
         if self.pid == 0:
-            time.sleep(2 * self.interval + 1)
+            deadline = time.monotonic() + 2 * self.interval + 1
+            while time.monotonic() < deadline:
+                try:
+                    heard = {k.rsplit("/", 1)[1] for d in ("news", "read", "done")
+                             for k, _ in self.client.key_value_dir_get(f"{_NS}/{d}/")}
+                except Exception:
+                    break
+                if heard >= {str(p) for p in range(1, self.n) if p != gone}:
+                    break
+                time.sleep(0.1)
         _die(message, status)
 
     def done(self) -> None:
         """Training ended normally or on a signal: stop beating without being declared dead."""
-        try:
-            self.client.key_value_set(f"{_NS}/done/{self.pid}", "1", allow_overwrite=True)
-        except Exception as e:
-            log.debug("could not mark done: %s", e)
+        self._mark("done")
         self._stop.set()
         for th in self._threads:
             th.join(timeout=self.interval + 5)
