@@ -9,17 +9,19 @@ prefix tuning, `train.freeze` and quantised frozen kernels (NF4 codes: half a by
 int8 codes, float32 absmax per 64 values) come out exactly; each leaf is laid out by its logical
 axes and `mesh.rules` as training lays it out, and a device holds its shard. Gradients: one
 float32 copy of the trainable shards (the scan builds the stacked layers' gradients in place).
-Optimizer state: optax's own `init` on the per-device trainable shapes (AdamW: 2x trainable
-float32; Lion: 1x; Adafactor: factored second moments).
+Optimizer state: optax's own `init` (AdamW: 2x trainable float32; Lion: 1x; Adafactor: factored
+second moments), each leaf that mirrors a parameter sharded like it (`train.step.opt_state_shardings`),
+the rest (counts, factored moments) replicated.
 
-**Activations** are a model of what the backward pass keeps (read off `jax.ad_checkpoint`'s saved
-residuals of the decoder layer, and checked against XLA's compiled memory of the real step, see
-`compiled_memory`). Per device: t = micro-batch / data-parallel size x data.max_length tokens
-(the longest bucket, every position a head position); d hidden, H and K query and key/value
-heads of size h, I MLP width, T length, V vocabulary, r LoRA rank, b bytes of model.dtype; H, K,
-I and V are divided by the mesh axes their rules give them where those divide them (the model
-pins heads and MLP units so; otherwise they stay whole). Each decoder layer that the backward pass
-goes through (something trainable lies in it or below it) keeps per token, by `model.remat`:
+**Activations** are a model of what the backward pass keeps, read off `jax.ad_checkpoint`'s saved
+residuals of the decoder layer and checked against XLA's compiled memory of the real step
+(`compiled_memory`; docs/plan_mfu.md has the figures). Per device: t = micro-batch / data-parallel
+size x data.max_length tokens (the longest bucket, every position a head position); d hidden, H
+and K query and key/value heads of size h, I MLP width, T length (+ P prefix/prompt keys), V
+vocabulary, r LoRA rank, b bytes of model.dtype; H, K, I and V are divided by the mesh axes their
+rules give them where those divide them (the model pins heads and MLP units so; otherwise they
+stay whole). Each decoder layer the backward pass goes through (something trainable lies in it or
+below it) keeps per token, by `model.remat`:
 
 - none: the two RMSNorm inputs (2d float32), q, k, v ((H + 2K) h b), the attention scores twice
   (float32 and b: H T (4 + b)), five MLP-wide values (5 I b), each LoRA adapter's r b, and the
@@ -31,9 +33,13 @@ goes through (something trainable lies in it or below it) keeps per token, by `m
 - full: the layer input (d b).
 - offload: the layer input on the device; the dots_with_no_batch_dims_saveable set in host memory.
 
-Plus a working set: the larger of the head's (logits, their exponentials and their gradient:
-3 V float32 per token, and the attention mask broadcast over heads, H T (1 + 4)) and, with remat,
-the one layer recomputed at a time (its `none` set).
+Outside the layers: the embeddings' output and the final norm's input and output (4d float32).
+Plus the larger of two working sets: the head's (logits, their exponentials and their gradient,
+one more copy when the head trains: (3 or 4) V float32; the attention mask broadcast over heads,
+H T (1 + 4)) and, with remat, one layer's backward (what `none` keeps minus what the policy kept,
+recomputed, and the gradient of the attention probabilities, 4 H T). Measured limit: a bfloat16
+step compiled for CPU keeps more temporaries than the same float32 step, so on CPU the comparison
+holds for float32; the model halves b for bfloat16 (not checked against a GPU or TPU compile).
 """
 
 from __future__ import annotations
@@ -238,21 +244,26 @@ def activation_bytes(cfg, mcfg: LlamaConfig, trainable: dict, sizes: dict, rules
         adapters = sum(r + width[m.rpartition("/")[2]] for m, r in mods.items() if r)
         return (q_w + 2 * kv_w + 2 * d + 2 * mlp + adapters) * b
 
+    def policy_set(mods: dict[str, int]) -> float:
+        """Bytes per token a layer keeps on the device under a remat policy other than none."""
+        if policy in ("full", "offload"):
+            return d * b
+        return dots_set(mods) + (heads * keys * 4 if policy == "dots_saveable" else 0)
+
     policy, modules = cfg.model.remat, _layer_modules(flat, n_layers)
     backward = backward_rule(flat, n_layers, cfg.train.fgm_epsilon > 0)
     layers = [i for i in range(n_layers) if backward(i)]
-    kept = host = 0.0
-    for i in layers:
-        if policy == "none":
-            kept += none_set(modules[i])
-        elif policy in ("full", "offload"):
-            kept += d * b
-            host += dots_set(modules[i]) if policy == "offload" else 0
-        else:
-            kept += dots_set(modules[i]) + (heads * keys * 4 if policy == "dots_saveable" else 0)
-    head = 3 * vocab * share(vocab, "vocab") * 4 + heads * keys * 5
-    recompute = max((none_set(modules[i]) for i in layers), default=0.0) if policy != "none" else 0.0
-    return int(tokens * (kept + max(head, recompute))), int(tokens * host), notes
+    kept = sum(none_set(modules[i]) if policy == "none" else policy_set(modules[i]) for i in layers)
+    host = sum(dots_set(modules[i]) for i in layers) if policy == "offload" else 0.0
+    head_trained = "lm_head/kernel" in flat or (mcfg.tie_word_embeddings and "embed_tokens/embedding" in flat)
+    head = (3 + head_trained) * vocab * share(vocab, "vocab") * 4 + heads * keys * 5
+    # With remat, the backward pass of one layer at a time recomputes what the policy did not keep
+    # and holds the gradient of its attention probabilities (float32).
+    recompute = 0.0 if policy == "none" else max(
+        (none_set(modules[i]) - policy_set(modules[i]) * (policy != "offload") + heads * keys * 4 for i in layers),
+        default=0.0)
+    outside = 4 * d * 4  # the embeddings' output and the final norm's input and output
+    return int(tokens * (kept + outside + max(head, recompute))), int(tokens * host), notes
 
 
 def estimate(cfg, mcfg: LlamaConfig, sizes: dict[str, int], trees=None) -> Estimate:
