@@ -132,11 +132,15 @@ def test_cli_plan_json_and_text(capsys):
     assert "--device-memory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("mesh,kw", [((8, 1, 1), {}), ((2, 2, 2), dict(lora__enabled=False)),
-                                     ((1, 2, 4), dict(model__remat="full"))])
-def test_estimate_within_25_percent_of_xla_on_8_devices(tmp_path, mesh, kw):
-    path = _model_dir(tmp_path)
-    cfg = _cfg(path, mesh=mesh, train__batch_size=16, data__max_length=128, **kw)
+@pytest.mark.parametrize("model,mesh,kw", [
+    ("tiny", (8, 1, 1), {}), ("tiny", (2, 2, 2), dict(lora__enabled=False)),
+    ("tiny", (1, 2, 4), dict(model__remat="full")),
+    # Llama-3-8B from its config.json alone: fsdp gathers each layer's and the head's weights.
+    ("8b", (1, 8, 1), dict(train__batch_size=8, data__max_length=64)),
+])
+def test_estimate_within_25_percent_of_xla_on_8_devices(tmp_path, model, mesh, kw):
+    path = _model_dir(tmp_path) if model == "tiny" else LLAMA_8B
+    cfg = _cfg(path, mesh=mesh, **({"train__batch_size": 16, "data__max_length": 128} | kw))
     mcfg = plan.model_config(path)
     est = plan.estimate(cfg, mcfg, plan.mesh_sizes(cfg.mesh, 8))
     xla = plan.compiled_memory(cfg, mcfg)

@@ -13,6 +13,11 @@ Optimizer state: optax's own `init` (AdamW: 2x trainable float32; Lion: 1x; Adaf
 second moments), each leaf that mirrors a parameter sharded like it (`train.step.opt_state_shardings`),
 the rest (counts, factored moments) replicated.
 
+**Weights in use**: the matmuls work on a copy of one decoder layer's weights, whole along the
+mesh axes of the `embed` rule (fsdp gathers them, since activations are never split along embed),
+and on the vocabulary head gathered likewise; a trained weight's gradient is also whole before it
+is reduce-scattered, so trained weights count twice.
+
 **Activations** are a model of what the backward pass keeps, read off `jax.ad_checkpoint`'s saved
 residuals of the decoder layer and checked against XLA's compiled memory of the real step
 (`compiled_memory`; docs/plan_mfu.md has the figures). Per device: t = micro-batch / data-parallel
@@ -65,7 +70,7 @@ from sftjax.models.llama import LlamaConfig
 from sftjax.parallel.flops import backward_rule
 
 GiB = 1024**3
-PARTS = ("frozen", "trainable", "gradients", "optimizer", "activations", "batch")
+PARTS = ("frozen", "trainable", "gradients", "optimizer", "weights_in_use", "activations", "batch")
 
 
 class _Shape(Lazy):
@@ -179,6 +184,7 @@ class Estimate:
     trainable: int = 0
     gradients: int = 0
     optimizer: int = 0
+    weights_in_use: int = 0  # one layer's (and the head's) weights as the matmuls use them
     activations: int = 0
     batch: int = 0
     host_offload: int = 0  # model.remat=offload: activations kept in host memory instead
@@ -204,6 +210,32 @@ def _layer_modules(trainable: dict, n_layers: int) -> list[dict[str, int]]:
         for i in at:
             out[i][mod] = max(out[i].get(mod, 0), x.shape[-1] if leaf == "lora_a" else 0)
     return out
+
+
+def weights_in_use(local: dict, dtypes: dict, axes: dict, trained: set, sizes: dict, rules: dict,
+                   n_layers: int) -> int:
+    """Bytes of the weights the matmuls work on beyond the stored shards: a working copy of one
+    decoder layer's matmul weights, whole along the mesh axes of the `embed` rule (fsdp gathers
+    them: activations are never split along embed), and the vocabulary head gathered likewise;
+    each twice if it trains (its gradient is whole before it is reduce-scattered)."""
+    gather = _split_size(rules, sizes, "embed")
+    layers: dict[int, float] = {}
+    head = 0.0
+    for path, shape in local.items():
+        leaf = path.rpartition("/")[2]
+        if leaf not in ("kernel", "kernel_nf4", "kernel_int8", "lora_a", "lora_b", "embedding"):
+            continue
+        stored = math.prod(shape) * np.dtype(dtypes[path]).itemsize
+        whole = stored * (gather if "embed" in axes[path] else 1) * (1 + (path in trained))
+        m = UNROLLED.match(path)
+        if path.startswith(STACKED):
+            for i in range(n_layers):
+                layers[i] = layers.get(i, 0.0) + whole / n_layers
+        elif m:
+            layers[int(m.group(1))] = layers.get(int(m.group(1)), 0.0) + whole
+        elif path == "lm_head/kernel" or (leaf == "embedding" and "lm_head/kernel" not in local):
+            head += whole - stored * (1 + (path in trained)) if gather > 1 else 0.0
+    return int(max(layers.values(), default=0.0) + head)
 
 
 def activation_bytes(cfg, mcfg: LlamaConfig, trainable: dict, sizes: dict, rules: dict) -> tuple[int, int, list[str]]:
@@ -298,6 +330,8 @@ def estimate(cfg, mcfg: LlamaConfig, sizes: dict[str, int], trees=None) -> Estim
                             f"(mesh axes {tuple(rules['batch'])})")
     per_row = 4 + 1 + 4 + 4 + 4 + (8 if cfg.data.packing else 0)  # ids, valid, labels, weights, source (+ packing)
     est.batch = int(cfg.train.batch_size / dp * cfg.data.max_length * per_row)
+    est.weights_in_use = weights_in_use(t_shapes | f_shapes, dtypes, P.flatten(axes), set(t_shapes), sizes, rules,
+                                        mcfg.num_hidden_layers)
     est.activations, est.host_offload, est.notes = activation_bytes(cfg, mcfg, trainable, sizes, rules)
     return est
 
@@ -430,7 +464,8 @@ def format_report(r: dict) -> str:
         lines += ["", f"  estimate vs XLA's compiled step ({x['platform']}, memory_analysis):",
                   f"  {'':<31}{'estimate':>12}{'XLA':>12}",
                   f"  {'weights, optimizer, batch':<31}{human(held):>12}{human(x['argument']):>12}  (arguments)",
-                  f"  {'gradients, activations':<31}{human(m['gradients'] + m['activations']):>12}"
+                  f"  {'gradients, activations, in use':<31}"
+                  f"{human(m['gradients'] + m['weights_in_use'] + m['activations']):>12}"
                   f"{human(x['temp']):>12}  (temporaries)",
                   f"  {'peak':<31}{human(m['total']):>12}{human(x['peak']):>12}  "
                   f"(estimate / XLA = {m['total'] / x['peak']:.2f})"]
