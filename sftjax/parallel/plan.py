@@ -453,12 +453,11 @@ def format_report(r: dict) -> str:
              f"{s['dtype']}, remat {s['remat']}, {s['optimizer']}",
              "", f"per-device memory on mesh {sizes} ({r['devices']} devices):"]
     x = r["xla"]
-    rows = [(k, m[k]) for k in PARTS]
-    for k, v in rows:
-        lines.append(f"  {k:<13}{human(v):>12}")
-    lines.append(f"  {'total':<13}{human(m['total']):>12}")
+    for k in PARTS:
+        lines.append(f"  {k.replace('_', ' '):<16}{human(m[k]):>12}")
+    lines.append(f"  {'total':<16}{human(m['total']):>12}")
     if m["host_offload"]:
-        lines.append(f"  {'(host)':<13}{human(m['host_offload']):>12}  activations offloaded to host memory")
+        lines.append(f"  {'(host)':<16}{human(m['host_offload']):>12}  activations offloaded to host memory")
     if x is not None:
         held = m["frozen"] + m["trainable"] + m["optimizer"] + m["batch"]
         lines += ["", f"  estimate vs XLA's compiled step ({x['platform']}, memory_analysis):",
@@ -475,11 +474,12 @@ def format_report(r: dict) -> str:
         lines += ["", "notes:"] + [f"  - {n}" for n in m["notes"]]
     budget = r["device_memory"]
     title = f"meshes of {r['devices']} devices" + (f" (fits: total <= {human(budget)})" if budget else "")
-    lines += ["", title + ":", f"  {'data':>5}{'fsdp':>6}{'tensor':>7}{'weights':>12}{'optimizer':>12}"
-                                f"{'activations':>13}{'total':>12}  fits"]
+    lines += ["", title + ":", f"  {'data':>5}{'fsdp':>6}{'tensor':>7}{'weights':>12}{'gradients':>12}"
+                                f"{'optimizer':>12}{'in use':>12}{'activations':>13}{'total':>12}  fits"]
     for e in r["meshes"]:
         d = e["mesh"]
         fits = "problems: " + str(len(e["problems"])) if e["problems"] else ("yes" if e["fits"] else "no")
         lines.append(f"  {d['data']:>5}{d['fsdp']:>6}{d['tensor']:>7}{human(e['frozen'] + e['trainable']):>12}"
-                     f"{human(e['optimizer']):>12}{human(e['activations']):>13}{human(e['total']):>12}  {fits}")
+                     f"{human(e['gradients']):>12}{human(e['optimizer']):>12}{human(e['weights_in_use']):>12}"
+                     f"{human(e['activations']):>13}{human(e['total']):>12}  {fits}")
     return "\n".join(lines)
