@@ -4,4 +4,5 @@
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=_env.sh
 . "$(dirname "$0")/_env.sh" "[test]"
-python -m pytest -q "$@"
+# Two workers by default (SFTJAX_TEST_WORKERS=0 runs in one process); the slowest tests are listed.
+python -m pytest -q -n "${SFTJAX_TEST_WORKERS:-2}" --durations=15 "$@"
