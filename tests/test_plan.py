@@ -147,3 +147,11 @@ def test_estimate_within_25_percent_of_xla_on_8_devices(tmp_path, model, mesh, k
     held = est.frozen + est.trainable + est.optimizer + est.batch
     assert held == pytest.approx(xla["argument"], rel=0.1)
     assert est.total == pytest.approx(xla["peak"], rel=0.25), (est.to_dict(), xla)
+
+
+def test_training_refuses_a_config_json_only_folder():
+    from sftjax.errors import UserError
+    from sftjax.io.load import load_tokenizer
+
+    with pytest.raises(UserError, match="no tokenizer.*sftjax plan"):
+        load_tokenizer(LLAMA_8B)

@@ -45,6 +45,9 @@ def load_tokenizer(path: str):
     else:
         from transformers import AutoTokenizer
 
+        if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise UserError(f"model.path: {path} has no tokenizer (tokenizer.json); training needs a full HF model "
+                            "folder (a config.json alone is enough for `sftjax plan`)")
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
