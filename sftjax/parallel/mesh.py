@@ -28,9 +28,8 @@ def rules_from(mesh_cfg) -> dict[str, tuple[str, ...]]:
     return {k: (v,) if isinstance(v, str) else tuple(v) for k, v in dict(rules).items()}
 
 
-def make_mesh(mesh_cfg) -> jax.sharding.Mesh:
-    """A (data, fsdp, tensor) mesh over all devices; one size may be -1 (fill the rest)."""
-    n = jax.device_count()
+def mesh_sizes(mesh_cfg, n: int) -> dict[str, int]:
+    """mesh.data/fsdp/tensor for `n` devices; one size may be -1 (fill the rest)."""
     sizes = [int(mesh_cfg[a]) for a in AXES]
     if sizes.count(-1) > 1:
         raise UserError("mesh: at most one of mesh.data/fsdp/tensor may be -1")
@@ -41,8 +40,14 @@ def make_mesh(mesh_cfg) -> jax.sharding.Mesh:
         sizes[sizes.index(-1)] = n // known
     if math.prod(sizes) > n:
         raise UserError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are only {n} devices")
+    return dict(zip(AXES, sizes, strict=True))
+
+
+def make_mesh(mesh_cfg) -> jax.sharding.Mesh:
+    """A (data, fsdp, tensor) mesh over all devices (see `mesh_sizes`)."""
+    sizes = tuple(mesh_sizes(mesh_cfg, jax.device_count()).values())
     # A mesh smaller than the machine uses the first devices (e.g. a 1-device baseline run).
-    return jax.make_mesh(tuple(sizes), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+    return jax.make_mesh(sizes, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
                          devices=jax.devices()[: math.prod(sizes)])
 
 

@@ -68,6 +68,7 @@ from sftjax.io.lazy import Lazy, normalise
 from sftjax.models.layout import STACKED, UNROLLED
 from sftjax.models.llama import LlamaConfig
 from sftjax.parallel.flops import backward_rule
+from sftjax.parallel.mesh import mesh_sizes
 
 GiB = 1024**3
 PARTS = ("frozen", "trainable", "gradients", "optimizer", "weights_in_use", "activations", "batch")
@@ -123,21 +124,6 @@ def abstract_params(cfg, mcfg: LlamaConfig) -> tuple[dict, dict]:
     trainable, frozen = split(cfg, base, mcfg)
     struct = lambda x: jax.ShapeDtypeStruct(tuple(np.shape(x)), np.dtype(x.dtype))  # noqa: E731
     return jax.tree.map(struct, trainable), jax.tree.map(struct, frozen)
-
-
-def mesh_sizes(mesh_cfg, n: int) -> dict[str, int]:
-    """mesh.data/fsdp/tensor for `n` devices (one of them may be -1: the rest), as `make_mesh`."""
-    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
-    if sizes.count(-1) > 1:
-        raise UserError("mesh: at most one of mesh.data/fsdp/tensor may be -1")
-    if -1 in sizes:
-        known = math.prod(s for s in sizes if s != -1)
-        if n % known:
-            raise UserError(f"mesh: {n} devices cannot be split with the fixed axes of size {known}")
-        sizes[sizes.index(-1)] = n // known
-    if math.prod(sizes) > n:
-        raise UserError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are only {n} devices")
-    return dict(zip(MESH_AXES, sizes, strict=True))
 
 
 def factorisations(n: int) -> list[dict[str, int]]:
