@@ -20,7 +20,7 @@ is reduce-scattered, so trained weights count twice.
 
 **Activations** are a model of what the backward pass keeps, read off `jax.ad_checkpoint`'s saved
 residuals of the decoder layer and checked against XLA's compiled memory of the real step
-(`compiled_memory`; docs/plan_mfu.md has the figures). Per device: t = micro-batch / data-parallel
+(`compiled_memory`; docs/scaling.md has the figures). Per device: t = micro-batch / data-parallel
 size x data.max_length tokens (the longest bucket, every position a head position); d hidden, H
 and K query and key/value heads of size h, I MLP width, T length (+ P prefix/prompt keys), V
 vocabulary, r LoRA rank, b bytes of model.dtype; H, K, I and V are divided by the mesh axes their
