@@ -89,7 +89,8 @@ class Loop:
                 self._stop = stop
                 for step in range(self.start, self.steps):
                     batch = next(self.loader)
-                    state, metrics = self.step_fn(state, self.frozen, place_batch(batch, self.mesh, local=True, rules=self.rules))
+                    placed = place_batch(batch, self.mesh, local=True, rules=self.rules)
+                    state, metrics = self.step_fn(state, self.frozen, placed)
                     for h in self.hooks:
                         h.after_step(self, step + 1, state, metrics, batch)
                     if self.stopping:
