@@ -17,7 +17,6 @@ from sftjax import params as P
 from sftjax.errors import UserError
 from sftjax.io.load import open_pretrained
 from sftjax.models import layout
-from sftjax.models.layers import ActivationLayout
 from sftjax.models.llama import Llama, LlamaConfig, Runtime
 from sftjax.parallel import mesh as sharding
 from sftjax.peft import freeze, lora, prompt, quant
@@ -57,7 +56,7 @@ def runtime(model_cfg, mesh, rules) -> Runtime:
         if "pinned_host" not in kinds:
             raise UserError(f"model.remat=offload: {jax.devices()[0].platform} devices have no pinned host memory "
                             f"(only {', '.join(sorted(kinds))}); use dots_with_no_batch_dims_saveable or full")
-    layout = ActivationLayout(mesh, tuple(rules.items())) if mesh.size > 1 else None
+    layout = sharding.ActivationLayout(mesh, tuple(rules.items())) if mesh.size > 1 else None
     return Runtime(model_cfg.dtype, model_cfg.remat, model_cfg.scan_layers, layout)
 
 

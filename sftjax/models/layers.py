@@ -15,7 +15,6 @@ a model file:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -28,33 +27,9 @@ from sftjax.errors import UserError
 NEG_INF = -1e30
 
 
-@dataclasses.dataclass(frozen=True)
-class ActivationLayout:
-    """Where activations live on the mesh: the caller's (mesh, logical rules), so the model can pin
-    its layer inputs, attention heads and MLP hidden units by logical name (batch, length, heads,
-    kv, mlp) instead of leaving the layout to XLA's propagation. `rules` is ((logical, mesh axes), ...).
-    """
-
-    mesh: jax.sharding.Mesh
-    rules: tuple[tuple[str, tuple[str, ...]], ...]
-
-    def pin(self, x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
-        """with_sharding_constraint by logical axes. Unlike parameters, an activation dimension its
-        mesh axes do not divide (a batch of 1 when decoding, 3 KV heads on 4 tensor devices) is
-        left unconstrained: that is a valid layout, not a mistake."""
-        rules = dict(self.rules)
-        spec = []
-        for dim, name in zip(x.shape, axes, strict=True):
-            mesh_axes = tuple(a for a in rules.get(name, ()) if self.mesh.shape[a] > 1) if name else ()
-            size = math.prod(self.mesh.shape[a] for a in mesh_axes)
-            spec.append(mesh_axes if mesh_axes and dim % size == 0 else None)
-        if all(s is None for s in spec):
-            return x
-        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec)))
-
-
-def pin(layout: ActivationLayout | None, x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
-    """`layout.pin(x, axes)`, or `x` itself when the model runs without a mesh layout."""
+def pin(layout: Any, x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Pin an activation's layout by logical axes: `layout.pin(x, axes)` (the caller's mapping onto
+    a mesh, e.g. `parallel.mesh.ActivationLayout`), or `x` itself when the model runs without one."""
     return x if layout is None else layout.pin(x, axes)
 
 

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 
 from sftjax.models.layers import (
-    ActivationLayout,
     Dense,
     Embed,
     RMSNorm,
@@ -67,7 +66,7 @@ class Runtime:
     dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = True
-    layout: ActivationLayout | None = None
+    layout: Any = None  # an object with pin(x, logical axes), e.g. parallel.mesh.ActivationLayout
 
 
 def remat_policy(name: str):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import flax.linen as nn
 import jax
@@ -66,6 +67,12 @@ def logical_axes(model, example_ids) -> dict:
     return jax.tree.map(lambda s: tuple(s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+def _live_axes(mesh_axes, mesh) -> tuple[tuple[str, ...], int]:
+    """The rule's mesh axes that actually split something (size > 1), and their total size."""
+    live = tuple(a for a in mesh_axes if mesh.shape[a] > 1)
+    return live, math.prod(mesh.shape[a] for a in live)
+
+
 def spec_for(path: str, shape: tuple[int, ...], axes: tuple, mesh, rules: Mapping = RULES) -> PartitionSpec:
     if len(axes) != len(shape):
         raise UserError(f"sharding: {path} has shape {shape} but logical axes {axes}")
@@ -76,8 +83,7 @@ def spec_for(path: str, shape: tuple[int, ...], axes: tuple, mesh, rules: Mappin
             continue
         if name not in rules:
             raise UserError(f"sharding: {path}: logical axis {name!r} has no rule in mesh.rules")
-        mesh_axes = tuple(a for a in rules[name] if mesh.shape[a] > 1)
-        size = math.prod(mesh.shape[a] for a in mesh_axes)
+        mesh_axes, size = _live_axes(rules[name], mesh)
         if dim % size:
             raise UserError(f"mesh: parameter {path} shape {shape}: dimension {name}={dim} is not divisible "
                             f"by mesh axes {mesh_axes} of total size {size}; change the mesh.* sizes")
@@ -94,6 +100,30 @@ def param_shardings(tree: Mapping, axes: Mapping, mesh, rules: Mapping = RULES) 
             raise UserError(f"sharding: parameter {path} has no logical axes")
         out[path] = NamedSharding(mesh, spec_for(path, tuple(x.shape), flat_axes[path], mesh, rules))
     return unflatten(out)
+
+
+@dataclass(frozen=True)
+class ActivationLayout:
+    """Where activations live on the mesh, handed to the model (`models.llama.Runtime.layout`) so it
+    can pin its layer inputs, attention heads and MLP hidden units by logical name (batch, length,
+    heads, kv, mlp) instead of leaving the layout to XLA's propagation. `rules` is
+    ((logical, mesh axes), ...) so the layout is hashable, as Flax module attributes must be."""
+
+    mesh: jax.sharding.Mesh
+    rules: tuple[tuple[str, tuple[str, ...]], ...]
+
+    def pin(self, x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+        """with_sharding_constraint by logical axes. Unlike parameters (`spec_for`), an activation
+        dimension its mesh axes do not divide (a batch of 1 when decoding, 3 KV heads on 4 tensor
+        devices) is left unconstrained: that is a valid layout, not a mistake."""
+        rules = dict(self.rules)
+        spec = []
+        for dim, name in zip(x.shape, axes, strict=True):
+            live, size = _live_axes(rules.get(name, ()) if name else (), self.mesh)
+            spec.append(live if live and dim % size == 0 else None)
+        if all(s is None for s in spec):
+            return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec(*spec)))
 
 
 def batch_sharding(mesh, rules: Mapping = RULES) -> NamedSharding:
