@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from sftjax.errors import UserError
+
+CHECKPOINT_HELP = ("which checkpoint: latest | best (checkpoint.best_metric's) | a step number | auto "
+                   "(default: best after an early stop, else latest)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,12 +40,19 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--system", help="system message placed before each prompt")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--base", action="store_true", help="use the base model, ignoring the checkpoint")
+    g.add_argument("--checkpoint", default="auto", help=CHECKPOINT_HELP)
     e = sub.add_parser("export", help="write a merged HF folder (config, safetensors, tokenizer) or a PEFT adapter")
     e.add_argument("--workdir", required=True)
     e.add_argument("--out", required=True)
     e.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     e.add_argument("--format", choices=("merged", "peft"), default="merged",
                    help="merged: a full HF model folder; peft: adapter_config.json + adapter_model.safetensors")
+    e.add_argument("--checkpoint", default="auto", help=CHECKPOINT_HELP)
+    ev = sub.add_parser("eval", help="held-out loss, perplexity, token accuracy and exact match of a workdir's "
+                                     "checkpoint; writes WORKDIR/eval.json")
+    ev.add_argument("--workdir", required=True)
+    ev.add_argument("--checkpoint", default="auto", help=CHECKPOINT_HELP)
+    ev.add_argument("--data", help="held-out data file (default: the run's own held-out split)")
     pl = sub.add_parser("plan", help="per-device memory of a training step on each mesh, before loading or compiling")
     pl.add_argument("--config", required=True, help="configs/NAME.py; override keys with --config.a.b=value; "
                                                     "model.path may be a folder holding only a config.json")
@@ -65,34 +76,46 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # model and data are local paths: never reach the network
     overrides = [a for a in argv if a.startswith("--config.")]
     args = _parser().parse_args([a for a in argv if not a.startswith("--config.")])
+    # The console shows sftjax's own lines: libraries say only errors (set a variable to hear more).
+    # The variables act when the libraries first load (lazily, below); the loggers' levels at once.
+    for var, level in (("TRANSFORMERS_VERBOSITY", "error"), ("TF_CPP_MIN_LOG_LEVEL", "2"), ("GRPC_VERBOSITY", "ERROR")):
+        os.environ.setdefault(var, level)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("absl", "jax._src", "orbax", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for noisy in ("absl", "jax", "orbax", "transformers", "grain", "tensorboardX", "datasets", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from sftjax.train.loop import Interrupted
 
     try:
-        return _dispatch(args, overrides)
+        with logging_redirect_tqdm():  # log lines go above the training progress bar, not into it
+            return _dispatch(args, overrides)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Interrupted as e:
-        print(f"interrupted: {e}", file=sys.stderr)
-        return 130
+    except Interrupted as e:  # the checkpoint is saved: a clean, resumable stop
+        print(f"stopped: {e}", file=sys.stderr)
+        return 0
 
 
-def _load_workdir(workdir: str):
-    """(config, Setup, trained params) of a finished or interrupted run."""
+def _load_workdir(workdir: str, which: str = "auto"):
+    """(config, Setup, step, trained params) of a finished or interrupted run's checkpoint `which`
+    (latest | best | STEP | auto: best after an early stop, else latest)."""
     from sftjax.build import build
     from sftjax.data.templates import resolve
-    from sftjax.train.checkpoint import latest_trainable
-    from sftjax.train.workdir import read_config
+    from sftjax.train.checkpoint import trainable_at
+    from sftjax.train.workdir import RESULTS, read_config, read_json
 
     cfg = read_config(workdir)
+    stopped = (read_json(os.path.join(workdir, RESULTS)) or {}).get("stopped", "")
     setup = build(cfg)
     resolve(setup.tokenizer, cfg.data.chat_template)  # generate with the template training used
-    return cfg, setup, latest_trainable(workdir, setup, cfg)
+    step, trainable = trainable_at(workdir, setup, cfg, which, prefer_best=stopped.startswith("early stopping"))
+    logging.getLogger("sftjax").info("%s: checkpoint step %d", workdir, step)
+    return cfg, setup, step, trainable
 
 
 def _train(args, overrides) -> int:
@@ -162,7 +185,7 @@ def _convert(args) -> int:
 def _generate(args) -> int:
     from sftjax.infer.generate import chat
 
-    cfg, setup, trainable = _load_workdir(args.workdir)
+    cfg, setup, step, trainable = _load_workdir(args.workdir, args.checkpoint)
     params = setup.full_params(None if args.base else trainable)
     system = [{"role": "system", "content": args.system}] if args.system else []
     convs = [system + [{"role": "user", "content": p}] for p in args.prompt]
@@ -177,8 +200,10 @@ def _export(args) -> int:
     import numpy as np
 
     from sftjax.io.hf import write_hf_folder
+    from sftjax.train.workdir import check_writable
 
-    cfg, setup, trainable = _load_workdir(args.workdir)
+    check_writable(args.out, "--out")  # before the model loads
+    cfg, setup, step, trainable = _load_workdir(args.workdir, args.checkpoint)
     if args.format == "peft":
         from sftjax.peft.export import write_adapter
 
@@ -193,6 +218,29 @@ def _export(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from sftjax.data import pipeline
+    from sftjax.train.evaluate import evaluate
+    from sftjax.train.hooks import fmt
+    from sftjax.train.step import make_eval_step
+    from sftjax.train.workdir import write_json
+
+    cfg, setup, step, trainable = _load_workdir(args.workdir, args.checkpoint)
+    if args.data:
+        cfg.unlock()
+        cfg.data.eval = args.data
+        cfg.lock()
+    data = pipeline.load(cfg, setup.tokenizer)
+    if data.eval is None:
+        raise UserError("--data: this run has no held-out split (data.eval_fraction=0); name a file with --data")
+    out = evaluate(setup, make_eval_step(setup.model, len(data.names)), data.eval, trainable,
+                   cfg.train.batch_size // cfg.train.grad_accum, data.names)
+    out = {"checkpoint": step, "data": args.data or cfg.data.eval or "held-out split", **out}
+    write_json(os.path.join(args.workdir, "eval.json"), out)
+    print(fmt(out))
+    return 0
+
+
 def _dispatch(args, overrides: list[str]) -> int:
     if args.cmd in ("plan", "ablate"):
         return (_plan if args.cmd == "plan" else _ablate)(args, overrides)
@@ -200,7 +248,7 @@ def _dispatch(args, overrides: list[str]) -> int:
         return (_train if args.cmd == "train" else _data)(args, overrides)
     if overrides:
         raise UserError(f"{overrides[0]}: --config.* overrides apply to `train`, `data`, `plan` and `ablate` only")
-    return {"convert": _convert, "generate": _generate, "export": _export}[args.cmd](args)
+    return {"convert": _convert, "generate": _generate, "export": _export, "eval": _eval}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ MESH_RULES: dict[str, tuple[str, ...]] = {
     "vocab": ("tensor",),
     "layers": (),
 }
+EVAL_METRICS = ("loss", "perplexity", "token_accuracy", "exact_match")  # train.evaluate's; loss/SOURCE too
 REMAT = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload")
 
 
@@ -115,6 +116,14 @@ def base_config() -> ConfigDict:
         sample_max_new_tokens=24,
         neftune_alpha=0.0,  # NEFTune: U(-1,1) * alpha / sqrt(L * d) noise on input embeddings, training only (0: off; 5 is usual)
         fgm_epsilon=0.0,  # FGM: also train on embeddings perturbed by epsilon * g / ||g|| (0: off; ~1 is usual)
+        # A step whose loss or gradient is not finite applies no update (checked inside the step).
+        # stop: end the run with an error naming the step | skip: go on, and stop after
+        # train.max_nonfinite such steps in a row.
+        on_nonfinite="stop",
+        max_nonfinite=5,
+        # SIGTERM/SIGINT finish the step, save and exit 0; past this many seconds the process exits
+        # at once (status 143) without a checkpoint. A second signal exits at once (status 130).
+        stop_grace_secs=120.0,
     )
     c.optim = dict(
         # adamw | adafactor (factored second moments, little state) | lion (one moment; use a 3-10x lower lr)
@@ -132,23 +141,45 @@ def base_config() -> ConfigDict:
     # parameters and activations to mesh axes, e.g. --config.mesh.rules.embed="()" keeps embeddings
     # unsharded, --config.mesh.rules.mlp="('fsdp','tensor')" splits the MLP both ways.
     c.mesh = dict(data=-1, fsdp=1, tensor=1, rules={k: v for k, v in MESH_RULES.items()})
-    c.checkpoint = dict(every=50, max_to_keep=2)
+    c.checkpoint = dict(
+        every=50,  # save every N steps (and at the end, on a signal, at every evaluation when best_metric is set)
+        every_minutes=0.0,  # also save when this many minutes passed since the last save (0: off)
+        max_to_keep=2,  # the latest N checkpoints are kept, plus the best one (checkpoint.best_metric)
+        # An eval metric (loss, perplexity, token_accuracy, exact_match, loss/SOURCE) whose best
+        # checkpoint is kept beside the latest ones ("": none); export/generate --checkpoint=best.
+        best_metric="",
+        best_mode="min",  # min | max: which way best_metric improves
+    )
+    # Early stopping on checkpoint.best_metric (needs train.eval_every > 0): stop when it has not
+    # improved by more than min_delta for `patience` evaluations in a row (0: off).
+    c.early_stop = dict(patience=0, min_delta=0.0)
     return c
 
 
 def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ConfigDict:
     """Run `path`'s get_config(), check it against base_config(), apply overrides, lock."""
+    if os.path.isdir(path):
+        raise UserError(f"--config: {path} is a folder; give a config file, e.g. configs/quickstart.py")
     if not os.path.isfile(path):
         raise UserError(f"--config: file {path!r} not found")
     spec = importlib.util.spec_from_file_location("_sftjax_user_config", path)
+    if spec is None:
+        raise UserError(f"--config: {path} is not a Python file; a config is a .py file defining get_config()")
     mod = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(mod)
     except SyntaxError as e:
         raise UserError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+    except Exception as e:
+        raise _config_error(path, e) from None
     if not hasattr(mod, "get_config"):
         raise UserError(f"{path}: defines no get_config() function")
-    cfg = mod.get_config()
+    try:
+        cfg = mod.get_config()
+    except Exception as e:
+        raise _config_error(path, e) from None
+    if not isinstance(cfg, ConfigDict):
+        raise UserError(f"{path}: get_config() returned {type(cfg).__name__}, not the ConfigDict of base_config()")
     check_keys(cfg, base_config(), path)
     cfg = ConfigDict(cfg.to_dict())
     for item in overrides:
@@ -156,6 +187,17 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
     validate(cfg)
     cfg.lock()
     return cfg
+
+
+def _config_error(path: str, e: Exception) -> UserError:
+    """An exception raised by the user's config file, as `path:line: Type: message` (the line in that
+    file, not in ml_collections), e.g. a value of the wrong type assigned to a schema key."""
+    import traceback
+
+    mine = os.path.abspath(path)
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == mine]
+    where = f"{path}:{lines[-1]}" if lines else path
+    return UserError(f"{where}: {type(e).__name__}: {e}")
 
 
 CHOICES = {
@@ -171,10 +213,13 @@ CHOICES = {
     ("optim", "schedule"): ("cosine", "linear", "constant"),
     ("model", "quantize"): ("none", "nf4", "int8"),
     ("model", "remat"): REMAT,
+    ("train", "on_nonfinite"): ("stop", "skip"),
+    ("checkpoint", "best_mode"): ("min", "max"),
 }
 POSITIVE = [("train", "steps"), ("train", "batch_size"), ("train", "grad_accum"), ("data", "max_length"),
             ("lora", "rank"), ("optim", "lr"), ("checkpoint", "every"), ("checkpoint", "max_to_keep")]
-POSITIVE += [("train", "last_layers"), ("prompt_tuning", "length")]
+POSITIVE += [("train", "last_layers"), ("prompt_tuning", "length"), ("train", "max_nonfinite"),
+             ("train", "stop_grace_secs")]
 
 
 def validate(cfg: ConfigDict) -> None:
@@ -208,6 +253,27 @@ def validate(cfg: ConfigDict) -> None:
                         f"known filters: {', '.join(QUALITY)}")
     _validate_trainable(cfg)
     _validate_rules(cfg.mesh.rules)
+    _validate_stopping(cfg)
+
+
+def _validate_stopping(cfg: ConfigDict) -> None:
+    """Time-based saves, keep-best and early stopping: values that cannot work."""
+    for key in ("every_minutes",):
+        if cfg.checkpoint[key] < 0:
+            raise UserError(f"checkpoint.{key}: must be >= 0 (0 turns it off), got {cfg.checkpoint[key]}")
+    if cfg.early_stop.patience < 0 or cfg.early_stop.min_delta < 0:
+        raise UserError("early_stop: patience and min_delta must be >= 0, got "
+                        f"patience={cfg.early_stop.patience}, min_delta={cfg.early_stop.min_delta}")
+    if cfg.early_stop.patience and not cfg.checkpoint.best_metric:
+        raise UserError("early_stop.patience: needs the metric to watch; set checkpoint.best_metric "
+                        "(e.g. --config.checkpoint.best_metric=loss)")
+    best = cfg.checkpoint.best_metric
+    if best and best not in EVAL_METRICS and not best.startswith("loss/"):
+        raise UserError(f"checkpoint.best_metric: {best!r} is not an eval metric; use one of "
+                        f"{', '.join(EVAL_METRICS)} or loss/SOURCE{_hint(best, EVAL_METRICS)}")
+    if cfg.checkpoint.best_metric and not cfg.train.eval_every:
+        raise UserError(f"checkpoint.best_metric={cfg.checkpoint.best_metric}: evaluations happen only before "
+                        "and after training; set train.eval_every (e.g. --config.train.eval_every=50)")
 
 
 def _validate_rules(rules) -> None:

@@ -204,20 +204,21 @@ def test_loader_position_saved_in_the_orbax_step(tmp_path):
     """Saved at step 3 while training goes on (async model save): restore continues at batch 4."""
     import jax.numpy as jnp
 
+    from sftjax.config import base_config
     from sftjax.train.checkpoint import Checkpointer
 
     stores = [_store(100, 5, 30, 0)]
     loader = make_loader(stores, [1.0], _dcfg(packing=True), 8, 0, None)
     for _ in range(3):
         next(loader)
-    ckpt = Checkpointer(str(tmp_path), 2)
+    ckpt = Checkpointer(str(tmp_path), base_config().checkpoint)
     state = {"w": jnp.ones(3)}
     ckpt.save(3, state, loader)
     want = [next(loader) for _ in range(4)]
     ckpt.close()
     assert (tmp_path / "checkpoints" / "3" / "data").is_dir()
     again = make_loader(stores, [1.0], _dcfg(packing=True), 8, 0, None)
-    ckpt = Checkpointer(str(tmp_path), 2)
+    ckpt = Checkpointer(str(tmp_path), base_config().checkpoint)
     ckpt.restore(3, state, again)
     got = [next(again) for _ in range(4)]
     for ld in (loader, again):

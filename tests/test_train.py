@@ -15,7 +15,7 @@ from sftjax.train.loop import run
 
 def _trainable_at(cfg, workdir, step):
     setup = build(cfg)
-    ckpt = Checkpointer(workdir, 5)
+    ckpt = Checkpointer(workdir, cfg.checkpoint)
     state = ckpt.restore(step, init_state(setup, cfg)[0])
     ckpt.close()
     return {k: np.asarray(v) for k, v in flatten(state.trainable).items()}, state
@@ -62,8 +62,8 @@ def test_resume_after_crash_equals_uninterrupted(tiny_config, tmp_path, monkeypa
 
     real_save = Checkpointer.save
 
-    def save_then_die(self, step, state, data=None):
-        real_save(self, step, state, data)
+    def save_then_die(self, step, state, data=None, metrics=None):
+        real_save(self, step, state, data, metrics)
         if step == 2:
             self.close()
             raise Preempted
@@ -164,5 +164,5 @@ def test_diverging_loss_is_a_clean_error(tiny_config, tmp_path):
     cfg.optim.lr = 1e30
     cfg.optim.clip_norm = 0.0
     cfg.train.steps = 3
-    with pytest.raises(UserError, match=r"optim.lr: the loss is (nan|inf) at step [23]"):
+    with pytest.raises(UserError, match=r"train.on_nonfinite=stop: step [23]: the loss is (nan|inf)"):
         run(cfg, str(tmp_path / "run"))

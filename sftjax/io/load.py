@@ -7,6 +7,7 @@ The one place that decides what kind of path it was given (`resolve`); the reade
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 from sftjax.errors import UserError
@@ -48,10 +49,34 @@ def load_tokenizer(path: str):
         if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
             raise UserError(f"model.path: {path} has no tokenizer (tokenizer.json); training needs a full HF model "
                             "folder (a config.json alone is enough for `sftjax plan`)")
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        try:  # never code from the folder (auto_map): False also skips transformers' interactive prompt
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        except ValueError as e:
+            if "trust_remote_code" not in str(e):
+                raise
+            raise UserError(f"model.path: {path}'s tokenizer needs custom code (auto_map in tokenizer_config.json "
+                            "or config.json), and sftjax never runs code from a model folder; set tokenizer_class "
+                            "in tokenizer_config.json to a transformers tokenizer") from None
+        _check_vocab(tok, path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _check_vocab(tok, folder: str) -> None:
+    """The folder's config.json must describe a supported model whose embedding holds every token id
+    the tokenizer can produce: a larger tokenizer gives ids past the embedding, which JAX does not
+    catch (out-of-range lookups clamp or give NaN), so it is refused here, before data loads."""
+    from sftjax.io.hf import config_from_hf
+
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return  # open_folder names the missing file
+    with open(path) as f:
+        cfg = config_from_hf(json.load(f), path)
+    if len(tok) > cfg.vocab_size:
+        raise UserError(f"{path}: vocab_size is {cfg.vocab_size} but the folder's tokenizer has {len(tok)} tokens; "
+                        "the tokenizer does not belong to these weights: use the model's own tokenizer files")
 
 
 def open_pretrained(path: str, tokenizer=None):
@@ -77,3 +102,34 @@ def load_pretrained(path: str, tokenizer=None):
 
     cfg, params, tok = open_pretrained(path, tokenizer)
     return cfg, materialise(params), tok
+
+
+def base_fingerprint(path: str) -> dict:
+    """{"path", "fingerprint"} of the base model at `model.path`, recorded in every checkpoint so a
+    run (or an export) on a different base is caught: LoRA, prompt and partial-freezing checkpoints
+    hold only what trained, and would load silently onto any model of the same shapes.
+
+    The fingerprint hashes each weight file's name, size and 16 blocks of 64 KiB spread through it
+    (and config.json whole): different weights differ there in practice, and a 16 GB base costs
+    milliseconds instead of a full read."""
+    import hashlib
+
+    kind, file = resolve(path)
+    if kind == "gguf":
+        files = [file]
+    else:
+        files = sorted(os.path.join(file, f) for f in os.listdir(file)
+                       if f.endswith(".safetensors") or f == "config.json")
+    h = hashlib.sha256()
+    for f in files:
+        size = os.path.getsize(f)
+        h.update(f"{os.path.basename(f)}:{size}".encode())
+        with open(f, "rb") as fh:
+            if f.endswith(".json"):
+                h.update(fh.read())
+                continue
+            block = 1 << 16
+            for i in range(16):
+                fh.seek(max(0, (size - block) * i // 15))
+                h.update(fh.read(block))
+    return {"path": os.path.abspath(file), "fingerprint": h.hexdigest()[:16]}

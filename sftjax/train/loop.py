@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,27 +21,35 @@ import jax
 from sftjax.build import Setup, build
 from sftjax.data import pipeline
 from sftjax.data.loader import make_loader
-from sftjax.io.load import load_tokenizer
+from sftjax.io.load import base_fingerprint, load_tokenizer
 from sftjax.parallel import flops
 from sftjax.parallel.mesh import RULES, check_batch, place_batch
 from sftjax.train import hooks as H
 from sftjax.train import workdir as W
 from sftjax.train.checkpoint import Checkpointer
 from sftjax.train.evaluate import evaluate, sample_conversations
-from sftjax.train.metrics import Writer
+from sftjax.train.metrics import Writer, summary
 from sftjax.train.step import init_state, make_eval_step, make_train_step
 
 log = logging.getLogger("sftjax")
 
 
+EXIT_GRACE = 143  # the grace period after a stop signal ran out before the checkpoint was saved
+EXIT_SECOND_SIGNAL = 130  # a second signal: stopped at once, nothing saved
+
+
 class StopRequest:
     """SIGTERM/SIGINT set a flag instead of killing the process, so the loop can finish the step,
-    checkpoint and exit cleanly (preemptible machines, SLURM time limits, Ctrl-C). A second
-    signal stops at once."""
+    checkpoint and exit cleanly (preemptible machines, SLURM time limits, Ctrl-C). If that takes
+    longer than `grace` seconds the process exits with EXIT_GRACE; a second signal exits at once
+    with EXIT_SECOND_SIGNAL. Either way no half-written checkpoint is left: orbax writes a step
+    under a temporary name and renames it when complete."""
 
-    def __init__(self):
+    def __init__(self, grace: float = 120.0):
         self.signal: int | None = None
+        self.grace = grace
         self._old: dict = {}
+        self._timer: threading.Timer | None = None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -49,12 +59,25 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.signal is not None:
-            raise KeyboardInterrupt
+            _exit_now(EXIT_SECOND_SIGNAL, f"second signal {signum}: stopping at once, without saving")
         self.signal = signum
+        log.warning("signal %d: finishing this step and saving (at most %.0f s; a second signal stops at once)",
+                    signum, self.grace)
+        self._timer = threading.Timer(self.grace, _exit_now, (EXIT_GRACE, f"train.stop_grace_secs={self.grace:g} "
+                                      "passed before the checkpoint was saved: stopping without it"))
+        self._timer.daemon = True
+        self._timer.start()
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+def _exit_now(code: int, why: str) -> None:
+    print(f"stopped: {why}", file=sys.stderr, flush=True)
+    os._exit(code)
 
 
 class Interrupted(Exception):
@@ -74,32 +97,51 @@ class Loop:
     start: int = 0
     results: dict = field(default_factory=dict)  # hooks record what a run reports here
     rules: dict = field(default_factory=lambda: dict(RULES))  # mesh.rules: how batches split over the mesh
+    grace: float = 120.0  # train.stop_grace_secs
+    done: int = 0  # steps done so far
+    stop_reason: str | None = None  # set by a hook (early stopping): the loop ends after this step
+    last_eval: tuple = (None, None)  # (step, metrics) of the latest evaluation (the Evaluate hook's)
     _stop: StopRequest | None = None
 
     @property
-    def stopping(self) -> bool:
-        """A signal asked to stop: hooks save what they must; the loop ends after this step."""
+    def signalled(self) -> bool:
         return self._stop is not None and self._stop.signal is not None
+
+    @property
+    def stopping(self) -> bool:
+        """The loop ends after this step (a signal, or a hook's `request_stop`): hooks save what they must."""
+        return self.signalled or self.stop_reason is not None
+
+    def request_stop(self, reason: str) -> None:
+        """End the run after this step as a finished one (`end` hooks run); `reason` goes to the log and results."""
+        self.stop_reason = reason
 
     def run(self, state):
         try:
+            self.done = self.start
             for h in self.hooks:
                 h.start(self, state)
-            with StopRequest() as stop:
+            with StopRequest(self.grace) as stop:
                 self._stop = stop
                 for step in range(self.start, self.steps):
                     batch = next(self.loader)
                     placed = place_batch(batch, self.mesh, local=True, rules=self.rules)
                     state, metrics = self.step_fn(state, self.frozen, placed)
+                    self.done = step + 1
                     for h in self.hooks:
                         h.after_step(self, step + 1, state, metrics, batch)
-                    if self.stopping:
-                        raise Interrupted(f"stopped by signal {stop.signal} after step {step + 1}; checkpoint "
+                    if self.signalled:
+                        self.results["stopped"] = f"signal {stop.signal} after step {step + 1}"
+                        raise Interrupted(f"signal {stop.signal}: stopped after step {step + 1}; checkpoint "
                                           "saved. Run the same command again to resume.")
-            self._stop = None
-            self.results["after"] = {"step": self.steps}
-            for h in self.hooks:
-                h.end(self, state)
+                    if self.stop_reason is not None:
+                        self.results["stopped"] = self.stop_reason
+                        log.info("stopping after step %d: %s", step + 1, self.stop_reason)
+                        break
+                self._stop = None
+                self.results["after"] = {"step": self.done}
+                for h in self.hooks:  # still under the handler: a signal here saves nothing more, exits 0
+                    h.end(self, state)
             return state
         finally:
             for h in self.hooks:
@@ -110,12 +152,17 @@ def hooks_for(cfg, setup: Setup, data: pipeline.Prepared, writer, ckpt, loader) 
     """The periodic actions of a training run, in the order they act after each step."""
     eval_step = make_eval_step(setup.model, len(data.names))
     micro = cfg.train.batch_size // cfg.train.grad_accum
-    out = [H.LogData(writer, setup.tokenizer, data),
-           H.LogMetrics(cfg.train.log_every, writer, data.names, ckpt.latest_step, flops.for_run(cfg, setup))]
+    out = [H.LogHparams(writer, cfg), H.LogData(writer, setup.tokenizer, data),
+           H.LogMetrics(cfg.train.log_every, writer, data.names, ckpt.latest_step, flops.for_run(cfg, setup)),
+           H.NonFinite(cfg.train.on_nonfinite, cfg.train.max_nonfinite, ckpt.latest_step)]
     if data.eval is not None:
+        best = (cfg.checkpoint.best_metric, cfg.checkpoint.best_mode) if cfg.checkpoint.best_metric else None
         out.append(H.Evaluate(lambda t: evaluate(setup, eval_step, data.eval, t, micro, data.names),
-                              cfg.train.eval_every, writer))
+                              cfg.train.eval_every, writer, best))
     convs = sample_conversations(cfg.train, data.eval_records)
+    if data.eval is not None and cfg.early_stop.patience:
+        out.append(H.EarlyStop(cfg.checkpoint.best_metric, cfg.checkpoint.best_mode, cfg.early_stop.patience,
+                               cfg.early_stop.min_delta))
     out += [H.Samples(setup, convs, cfg.train.sample_max_new_tokens, writer),
             H.Checkpoint(ckpt, cfg.checkpoint.every, loader)]
     return out
@@ -130,6 +177,28 @@ def train_step(cfg, setup: Setup, tx, sched, state, num_sources: int):
 
 def run(cfg, workdir: str) -> dict:
     """Train per a validated `cfg` in `workdir`; returns the results dict also written to results.json."""
+    W.check_writable(workdir, "--workdir")  # a bad path fails before data, model or compile
+    started = time.perf_counter()
+    ckpt = Checkpointer(workdir, cfg.checkpoint, base_fingerprint(cfg.model.path))
+    loader = writer = None
+    loop = Loop(None, None, None, None, cfg.train.steps, [])
+    try:
+        ckpt.check_newest_base()  # a workdir trained on another base fails here, before anything slow
+        loader, writer, loop, state = _prepare(cfg, workdir, ckpt)
+        loop.run(state)
+    finally:  # also on errors and signals: finish pending async saves, flush events, keep results so far
+        ckpt.close()
+        for closable in (loader, writer):
+            if closable is not None:
+                closable.close()
+        if jax.process_index() == 0 and loop.results:
+            W.write_json(os.path.join(workdir, W.RESULTS), loop.results)
+            log.info("%s", summary(loop.results, workdir, loop.done, loop.steps, time.perf_counter() - started))
+    return loop.results
+
+
+def _prepare(cfg, workdir: str, ckpt: Checkpointer):
+    """(loader, writer, Loop, state): ready to run from the newest readable checkpoint, if any."""
     tok = load_tokenizer(cfg.model.path)
     data = pipeline.load(cfg, tok)  # bad data fails fast, before the model loads or any file is written
     setup = build(cfg, tok)  # the tokenizer with data.chat_template applied: samples use it too
@@ -140,26 +209,18 @@ def run(cfg, workdir: str) -> dict:
     loader = make_loader(data.train, data.weights, cfg.data, cfg.train.batch_size, tok.pad_token_id, slots,
                          jax.process_index(), jax.process_count())
     state, tx, sched = init_state(setup, cfg.optim, cfg.train.steps)
-    os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         W.write_config(cfg, workdir)
-    ckpt, writer = Checkpointer(workdir, cfg.checkpoint.max_to_keep), Writer(workdir)
-    results_path = os.path.join(workdir, W.RESULTS)
+    writer = Writer(workdir)
+    start, restored = ckpt.restore_newest(state, loader)
     loop = Loop(train_step(cfg, setup, tx, sched, state, len(data.names)), setup.frozen, loader, setup.mesh,
-                cfg.train.steps, hooks_for(cfg, setup, data, writer, ckpt, loader), start=ckpt.latest_step() or 0,
-                rules=setup.rules)
-    try:
-        if loop.start:
-            state = ckpt.restore(loop.start, state, loader)
-            loop.results = W.read_json(results_path) or {}
-            log.info("resumed from %s at step %d", ckpt.dir, loop.start)
-        else:
-            loop.results = {"before": {}, "data": data.report}
-        loop.run(state)
-    finally:  # also on errors and signals: finish pending async saves, flush events, keep results so far
-        ckpt.close()
-        loader.close()
-        writer.close()
-        if jax.process_index() == 0:
-            W.write_json(results_path, loop.results)
-    return loop.results
+                cfg.train.steps, hooks_for(cfg, setup, data, writer, ckpt, loader), start=start or 0,
+                rules=setup.rules, grace=cfg.train.stop_grace_secs)
+    if start:
+        state = restored
+        loop.results = W.read_json(os.path.join(workdir, W.RESULTS)) or {}
+        loop.results.pop("stopped", None)
+        log.info("resumed from %s at step %d", ckpt.dir, start)
+    else:
+        loop.results = {"before": {}, "data": data.report}
+    return loader, writer, loop, state

@@ -117,8 +117,17 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "tokens": tokens,
-                   "lr": schedule(state.step), **by_source}
+        loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
+        # A non-finite loss or gradient leaves parameters and optimizer state as they were (one
+        # select per leaf, no host sync); the flag goes out with the metrics for the loop to act on.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        trainable, opt_state = keep(trainable, state.trainable), keep(opt_state, state.opt_state)
+        param_norm = optax.tree.norm(state.trainable)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": tokens, "lr": schedule(state.step),
+                   "param_norm": param_norm, "nonfinite": (~finite).astype(jnp.int32),
+                   "update_ratio": jnp.where(finite, optax.tree.norm(updates), 0.0) / jnp.maximum(param_norm, 1e-12),
+                   **by_source}
         return TrainState(state.step + 1, trainable, opt_state), metrics
 
     out = None if state_sharding is None else (state_sharding, None)
