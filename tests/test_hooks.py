@@ -86,24 +86,99 @@ def test_signal_finishes_the_step_lets_hooks_save_then_raises():
     assert saved == [1]  # hooks acting after the signal (e.g. Checkpoint) see it in the same step
 
 
+class FakeCheckpointer:
+    def __init__(self, metric="", mode="min"):
+        self.metric, self.mode, self.dir, self.saves = metric, mode, "CK", []
+
+    def save(self, step, state, data, metrics=None):
+        self.saves.append((step, metrics))
+
+    def steps(self):
+        return [s for s, _ in self.saves]
+
+    def due(self):
+        return False
+
+    def best(self):
+        return None
+
+
+def _hook_loop(steps=5, **kw):
+    """What hooks read of a Loop, as plain attributes."""
+    attrs = dict(steps=steps, start=0, stopping=False, signalled=False, last_eval=(None, None), done=steps,
+                 results={"before": {}, "after": {}})
+    return SimpleNamespace(**{**attrs, **kw})
+
+
 def test_checkpoint_hook_every_n_at_end_and_on_stop():
-    saves = []
-    ckpt = SimpleNamespace(save=lambda step, state, data: saves.append(step))
+    ckpt = FakeCheckpointer()
     hook = H.Checkpoint(ckpt, every=2, loader="L")
-    loop = SimpleNamespace(steps=5, stopping=False)  # Loop.stopping, as hooks see it
+    loop = _hook_loop()
+    hook.start(loop, None)
     for done in range(1, 6):
         hook.after_step(loop, done, None, None, None)
-    assert saves == [2, 4, 5]
+    assert ckpt.steps() == [2, 4, 5] and loop.results["checkpoints"] == "CK"
     loop.stopping = True
     hook.after_step(loop, 1, None, None, None)
-    assert saves[-1] == 1
+    assert ckpt.steps()[-1] == 1
+
+
+def test_checkpoint_hook_saves_each_evaluation_with_its_metrics_and_tracks_the_best():
+    ckpt = FakeCheckpointer("loss", "min")
+    hook = H.Checkpoint(ckpt, every=100, loader="L")
+    loop = _hook_loop(steps=4)
+    hook.start(loop, None)
+    for done, loss in ((1, 3.0), (2, 2.0), (3, 2.5)):
+        loop.last_eval = (done, {"loss": loss})
+        hook.after_step(loop, done, None, None, None)
+    hook.after_step(loop, 4, None, None, None)  # the last step: saved by `end`, with the final evaluation
+    assert ckpt.saves == [(1, {"loss": 3.0}), (2, {"loss": 2.0}), (3, {"loss": 2.5})]
+    loop.last_eval = (4, {"loss": 1.5})
+    hook.end(loop, None)
+    assert ckpt.saves[-1] == (4, {"loss": 1.5}) and loop.results["best"] == {"metric": "loss", "value": 1.5, "step": 4}
+    loop.results.pop("best")
+    with pytest.raises(UserError, match="checkpoint.best_metric: this run's evaluation has no 'loss'; it reports acc"):
+        H.Checkpoint(ckpt, 1, "L").start(_hook_loop(last_eval=(0, {"acc": 1.0, "examples": 3})), None)
+
+
+def test_nonfinite_hook_reads_one_step_late_then_stops_or_skips():
+    flags = {1: 0, 2: 1, 3: 1, 4: 0}
+    metrics = {d: {"nonfinite": np.int32(f), "loss": np.float32("nan" if f else 1.0), "grad_norm": np.float32(1.0)}
+               for d, f in flags.items()}
+    hook = H.NonFinite("stop", 5, last_checkpoint=lambda: 1)
+    loop = _hook_loop(steps=4)
+    hook.after_step(loop, 1, None, metrics[1], None)
+    hook.after_step(loop, 2, None, metrics[2], None)  # step 2's flag is read after step 3 is dispatched
+    with pytest.raises(UserError, match="train.on_nonfinite=stop: step 2: the loss is nan, .*the last checkpoint is "
+                                        "step 1"):
+        hook.after_step(loop, 3, None, metrics[3], None)
+    skip, loop = H.NonFinite("skip", 3, last_checkpoint=lambda: 1), _hook_loop(steps=4)
+    for d in (1, 2, 3, 4):
+        skip.after_step(loop, d, None, metrics[d], None)  # step 4 is the last: its own flag is read at once
+    assert loop.results["nonfinite_steps"] == 2 and skip.in_row == 0
+    two = H.NonFinite("skip", 2, last_checkpoint=lambda: 1)
+    with pytest.raises(UserError, match="train.max_nonfinite=2: 2 non-finite steps in a row, the last at 3"):
+        for d in (1, 2, 3, 4):
+            two.after_step(_hook_loop(steps=4), d, None, metrics[d], None)
+
+
+def test_early_stop_hook_counts_evaluations_without_enough_gain():
+    stops = []
+    hook = H.EarlyStop("accuracy", "max", patience=2, min_delta=0.01)
+    loop = _hook_loop(steps=10, request_stop=stops.append)
+    for done, acc in ((1, 0.50), (2, 0.505), (3, 0.60), (4, 0.60), (5, 0.605)):
+        loop.last_eval = (done, {"accuracy": acc})
+        hook.after_step(loop, done, None, None, None)
+        hook.after_step(loop, done + 100, None, None, None)  # steps without an evaluation change nothing
+    assert stops == ["early stopping: eval accuracy did not improve by more than 0.01 for 2 evaluations "
+                     "(best 0.6000 at step 3)"]
 
 
 def test_evaluate_hook_before_every_and_after():
     evals, writer = [], FakeWriter()
     hook = H.Evaluate(lambda trainable: evals.append(trainable) or {"loss": 1.0}, every=2, writer=writer)
     state = SimpleNamespace(trainable="T")
-    loop = SimpleNamespace(start=0, steps=4, results={"before": {}, "after": {}})
+    loop = _hook_loop(steps=4)
     hook.start(loop, state)
     for done in range(1, 5):
         hook.after_step(loop, done, state, None, None)
@@ -116,7 +191,7 @@ def test_evaluate_hook_before_every_and_after():
     assert "before" not in resumed.results
 
 
-def test_log_metrics_every_n_with_throughput_and_nonfinite_check():
+def test_log_metrics_every_n_with_throughput():
     writer = FakeWriter()
     hook = H.LogMetrics(every=2, writer=writer, names=["a"], last_checkpoint=lambda: 2)
     loop = SimpleNamespace(start=0, steps=3, results={})
@@ -128,8 +203,6 @@ def test_log_metrics_every_n_with_throughput_and_nonfinite_check():
     assert [s for s, _, _ in writer.scalars_at] == [2, 3]  # every 2 and the last step
     assert loop.results["nonpad_fraction"] == 0.5 and loop.results["train_tokens_per_sec"] > 0
     assert "tokens_per_sec" in writer.scalars_at[0][2]  # after the compile step
-    with pytest.raises(UserError, match="the loss is nan at step 4; .* the last checkpoint is step 2"):
-        hook.after_step(SimpleNamespace(steps=4, results={}), 4, None, {"loss": np.float32("nan"), "lr": 0.0}, batch)
     hook.close()
 
 
