@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 
 from sftjax import config as C
 from sftjax.errors import UserError
@@ -12,6 +13,32 @@ from sftjax.errors import UserError
 log = logging.getLogger("sftjax")
 CONFIG = "sftjax_config.json"
 RESULTS = "results.json"
+
+
+def check_writable(path: str, key: str) -> None:
+    """Make sure `path` is (or can become) a folder this process can write in, before anything slow.
+
+    A run used to find a bad workdir only after loading data and model and compiling the step;
+    this fails first, naming the flag. The folder is created if missing (as the run would), and a
+    temporary file (unique per process, so every process of a multi-process run can check the
+    same folder) is written and removed, which catches read-only mounts that permission bits miss.
+
+    Args:
+        path: the folder, e.g. --workdir or export's --out.
+        key: how the user named it, put first in the message.
+
+    Raises:
+        UserError: `path` is an existing file, or cannot be created or written.
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{key}: {path} is an existing file, not a folder; give a folder path")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".sftjax-write-check-", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{key}: cannot write in {path} ({e.strerror or e}); choose a folder you can write to") from None
 
 
 def read_json(path: str):
