@@ -37,6 +37,8 @@ _LAYER_MAP = [
     ("post_attention_layernorm.weight", "post_attention_layernorm/scale", False),
 ]
 _SUPPORTED = ("llama", "qwen2", "mistral")
+# Weights read only from safetensors and GGUF; these pickle formats are refused by name.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> LlamaConfig:
@@ -167,9 +169,16 @@ def open_folder(folder: str) -> tuple[LlamaConfig, dict[str, Lazy]]:
     elif os.path.isfile(os.path.join(folder, "model.safetensors")):
         files = ["model.safetensors"]
     else:
+        pickles = sorted(f for f in os.listdir(folder) if f.endswith(PICKLE_SUFFIXES))
+        if pickles:  # never unpickled: loading a pickle can run any code the file holds
+            raise UserError(f"{os.path.join(folder, pickles[0])}: PyTorch pickle weights are not loaded (unpickling "
+                            "can run code); convert the folder to safetensors, e.g. with transformers: "
+                            "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out, safe_serialization=True)")
         raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json")
     sd: dict[str, Lazy] = {}
     for name in files:
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise UserError(f"{os.path.join(folder, name)}: missing (listed in model.safetensors.index.json)")
         sd.update(safetensors_file(os.path.join(folder, name)))
     return cfg, sd
 

@@ -21,6 +21,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from sftjax.errors import UserError
+
 Index = tuple[slice, ...]
 
 
@@ -165,11 +167,18 @@ class SafetensorsTensor(Lazy):
 
 
 def safetensors_file(path: str) -> dict[str, SafetensorsTensor]:
-    """Every tensor of a .safetensors file as a lazy leaf (only the header is read)."""
-    from safetensors import safe_open
+    """Every tensor of a .safetensors file as a lazy leaf (only the header is read).
 
-    with safe_open(path, framework="numpy") as f:
-        return {k: SafetensorsTensor(path, k, f.get_slice(k).get_shape()) for k in f.keys()}
+    Opening checks the header against the file's size, so a truncated download or copy fails here,
+    naming the file, instead of as a library error when a tensor is first read."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return {k: SafetensorsTensor(path, k, f.get_slice(k).get_shape()) for k in f.keys()}
+    except SafetensorError as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e}); it may be truncated or corrupt: "
+                        "copy or download it again") from None
 
 
 def as_lazy(x: Any) -> Lazy:
