@@ -125,7 +125,9 @@ def build(cfg, tokenizer=None) -> Setup:
     if cfg.model.quantize != "none":
         log.info("frozen base quantised to %s: %s bytes", cfg.model.quantize, f"{quant.nbytes(frozen):,}")
     axes = logical_axes(model, [trainable, frozen])
-    frozen = sharding.place(frozen, sharding.param_shardings(frozen, axes, mesh, rules))
+    frozen_shardings = sharding.param_shardings(frozen, axes, mesh, rules)  # a parameter that does not split: first
+    sharding.check_heads(mesh, mcfg.num_attention_heads, rules)  # then heads, before any weight is read
+    frozen = sharding.place(frozen, frozen_shardings)
     shardings = sharding.param_shardings(trainable, axes, mesh, rules)
     trainable = sharding.place(lora.magnitudes(trainable, frozen, shardings), shardings)
     return Setup(model, tok, mesh, trainable, frozen, rules)

@@ -60,6 +60,17 @@ def check_batch(mesh, micro_batch: int, rules: Mapping = RULES) -> None:
                         f"(mesh axes {tuple(rules['batch'])})")
 
 
+def check_heads(mesh, num_heads: int, rules: Mapping = RULES) -> None:
+    """The `heads` rule's devices must divide the attention heads, or every head would be cut between
+    devices and attention would run whole on each of them (GSPMD accepts it, silently wasting the
+    tensor axis). Fewer KV heads than devices is fine (grouped-query models): they are replicated."""
+    live, size = _live_axes(rules["heads"], mesh)
+    if num_heads % size:
+        axes = "*".join(f"mesh.{a}" for a in live)
+        raise UserError(f"{axes}: {size} devices do not divide the model's {num_heads} attention heads "
+                        f"(num_attention_heads); choose a size that divides {num_heads}")
+
+
 def logical_axes(model, example_ids) -> dict:
     """Logical axis names of every parameter, read off the model's init without running it."""
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), example_ids))["params"]
