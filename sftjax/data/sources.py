@@ -67,7 +67,8 @@ def read_jsonl(path: str) -> Iterator[Row]:
             try:
                 yield f"{path}:{lineno}", json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                cut = "" if line.endswith("\n") else "; the file ends inside this line: is it truncated?"
+                raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}){cut}") from None
 
 
 def read_json(path: str) -> Iterator[Row]:
