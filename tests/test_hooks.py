@@ -193,7 +193,7 @@ def test_evaluate_hook_before_every_and_after():
 
 def test_log_metrics_every_n_with_throughput():
     writer = FakeWriter()
-    hook = H.LogMetrics(every=2, writer=writer, names=["a"], last_checkpoint=lambda: 2)
+    hook = H.LogMetrics(every=2, writer=writer, names=["a"])
     loop = SimpleNamespace(start=0, steps=3, results={})
     hook.start(loop, None)
     batch = {"valid": np.array([[True, True, False, False]])}

@@ -11,12 +11,14 @@ import pytest
 from helpers import first_batch, init_state
 
 from sftjax.build import build
+from sftjax.cli import main
 from sftjax.errors import UserError
 from sftjax.params import flatten
 from sftjax.train import loop as L
 from sftjax.train.checkpoint import CORRUPT, Checkpointer, pick, trainable_at
 from sftjax.train.loop import run
 from sftjax.train.step import make_train_step
+from sftjax.train.workdir import read_json
 
 
 def _flat(tree):
@@ -107,6 +109,11 @@ def test_keep_best_and_latest_then_export_picks(tiny_config, tmp_path):
     best_step, best = _trainable(cfg, wd, "best")
     last_step, last = _trainable(cfg, wd, "latest")
     assert (best_step, last_step) == (1, 4) and any(not np.array_equal(best[k], last[k]) for k in best)
+    # `sftjax eval --checkpoint=best` reproduces that step's held-out loss; a missing step is an error.
+    assert main(["eval", f"--workdir={wd}", "--checkpoint=best"]) == 0
+    got = read_json(os.path.join(wd, "eval.json"))
+    assert got["checkpoint"] == 1 and got["loss"] == pytest.approx(res["best"]["value"], rel=1e-5)
+    assert main(["export", f"--workdir={wd}", f"--out={tmp_path / 'x'}", "--checkpoint=7"]) == 2
 
 
 def test_early_stopping_stops_logs_why_and_keeps_the_best(tiny_config, tmp_path, caplog):

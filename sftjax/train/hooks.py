@@ -58,12 +58,12 @@ def peak_memory() -> tuple[int, str]:
 
 class LogMetrics(Hook):
     """Every `every` steps and at the end: train scalars to TensorBoard and the progress bar,
-    tokens/s and MFU after the compile step, the non-pad fraction, and a non-finite loss check (at
-    logging time only: no host sync per step). `mfu`: (StepCost, Peak) from `parallel.flops`, or
-    None where the devices' peak is unknown."""
+    tokens/s and MFU after the compile step, the non-pad fraction (the metrics are read at logging
+    time only: no host sync per step; non-finite steps are the NonFinite hook's). `mfu`: (StepCost,
+    Peak) from `parallel.flops`, or None where the devices' peak is unknown."""
 
-    def __init__(self, every: int, writer, names: list[str], last_checkpoint, mfu=None):
-        self.every, self.writer, self.names, self.last_checkpoint = every, writer, names, last_checkpoint
+    def __init__(self, every: int, writer, names: list[str], mfu=None):
+        self.every, self.writer, self.names = every, writer, names
         self.cost, self.peak = mfu if mfu is not None else (None, None)
         self.bar = None
 

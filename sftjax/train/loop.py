@@ -153,7 +153,7 @@ def hooks_for(cfg, setup: Setup, data: pipeline.Prepared, writer, ckpt, loader) 
     eval_step = make_eval_step(setup.model, len(data.names))
     micro = cfg.train.batch_size // cfg.train.grad_accum
     out = [H.LogHparams(writer, cfg), H.LogData(writer, setup.tokenizer, data),
-           H.LogMetrics(cfg.train.log_every, writer, data.names, ckpt.latest_step, flops.for_run(cfg, setup)),
+           H.LogMetrics(cfg.train.log_every, writer, data.names, flops.for_run(cfg, setup)),
            H.NonFinite(cfg.train.on_nonfinite, cfg.train.max_nonfinite, ckpt.latest_step)]
     if data.eval is not None:
         best = (cfg.checkpoint.best_metric, cfg.checkpoint.best_mode) if cfg.checkpoint.best_metric else None
