@@ -152,7 +152,10 @@ class Evaluate(Hook):
             self._eval(loop, done, state, f"at step {done}")
 
     def end(self, loop, state):
-        loop.results["after"]["eval"] = self._eval(loop, loop.done, state, "after training")
+        step, ev = getattr(loop, "last_eval", (None, None))
+        if step != loop.done:  # an early stop right after an evaluation has it already
+            ev = self._eval(loop, loop.done, state, "after training")
+        loop.results["after"]["eval"] = ev
 
 
 class Samples(Hook):
