@@ -329,3 +329,34 @@ def test_export_of_missing_workdir(tmp_path):
     workdir = tmp_path / "never-made"
     _fails(["export", f"--workdir={workdir}", f"--out={tmp_path / 'out'}"],
            f"--workdir: {workdir}/sftjax_config.json not found")
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+def test_workdir_trained_on_a_different_base(trained, tmp_path, tiny_model_dir):
+    """Same shapes, other weights: the LoRA checkpoint would load silently; the recorded fingerprint
+    stops it before the data or the model load, naming both bases."""
+    from safetensors.numpy import load_file, save_file
+
+    model = _model_copy(tiny_model_dir, tmp_path / "other-base")
+    weights = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    save_file({k: v + v.dtype.type(0.01) for k, v in weights.items()}, os.path.join(model, "model.safetensors"),
+              metadata={"format": "pt"})
+    err = _train_fails(trained, tmp_path, "was trained on the base", f"--config.model.path={model}")
+    assert "tiny-llama (fingerprint" in err and model in err and "use the original base, or a new --workdir" in err
+
+
+def test_no_readable_checkpoint(trained, tmp_path):
+    """Every checkpoint truncated: one error listing them; the broken ones are moved aside, byte for
+    byte, never deleted."""
+    workdir = tmp_path / "w"
+    shutil.copytree(trained[1], workdir)
+    ckpts = workdir / "checkpoints"
+    for step in os.listdir(ckpts):
+        state = [os.path.join(d, f) for d, _, fs in os.walk(ckpts / step / "state") for f in fs]
+        big = max(state, key=os.path.getsize)
+        os.truncate(big, os.path.getsize(big) // 2)
+    broken = {s: _digest(ckpts / s) for s in os.listdir(ckpts)}
+    _fails(["train", f"--config={trained[0]}", f"--workdir={workdir}"], "--workdir: no readable checkpoint in")
+    aside = workdir / "corrupt_checkpoints"
+    assert {d.split("-")[0]: _digest(aside / d) for d in os.listdir(aside)} == broken
