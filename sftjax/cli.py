@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from sftjax.errors import UserError
+from sftjax.errors import Interrupted, UserError
 
 CHECKPOINT_HELP = ("which checkpoint: latest | best (checkpoint.best_metric's) | a step number | auto "
                    "(default: best after an early stop, else latest)")
@@ -88,8 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from sftjax.train.loop import Interrupted
-
     try:
         with logging_redirect_tqdm():  # log lines go above the training progress bar, not into it
             return _dispatch(args, overrides)
@@ -120,14 +118,14 @@ def _load_workdir(workdir: str, which: str = "auto"):
 
 def _train(args, overrides) -> int:
     from sftjax.config import load_config
+
+    cfg = load_config(args.config, overrides)  # a config mistake fails before the training stack imports
     from sftjax.train.loop import run
 
-    cfg = load_config(args.config, overrides)
     if not args.distributed:
         run(cfg, args.workdir)
         return 0
     from sftjax.parallel.distributed import initialize
-    from sftjax.train.loop import Interrupted
 
     watch = initialize()
     try:

@@ -21,6 +21,7 @@ import jax
 from sftjax.build import Setup, build
 from sftjax.data import pipeline
 from sftjax.data.loader import make_loader
+from sftjax.errors import Interrupted
 from sftjax.io.load import base_fingerprint, load_tokenizer
 from sftjax.parallel import flops
 from sftjax.parallel.mesh import RULES, check_batch, place_batch
@@ -78,10 +79,6 @@ class StopRequest:
 def _exit_now(code: int, why: str) -> None:
     print(f"stopped: {why}", file=sys.stderr, flush=True)
     os._exit(code)
-
-
-class Interrupted(Exception):
-    """Training stopped on a signal after the hooks saved what they keep (a checkpoint)."""
 
 
 @dataclass
