@@ -26,7 +26,7 @@ def test_export_merged_folder_loads_in_transformers(tiny_config, tmp_path):
 
     from sftjax.cli import _load_workdir
 
-    _, setup, trainable = _load_workdir(wd)
+    _, setup, _, trainable = _load_workdir(wd)
     ids = np.random.default_rng(1).integers(0, 5000, (2, 10)).astype(np.int32)
     ours = np.asarray(setup.model.apply(setup.full_params(trainable), ids))
     base = np.asarray(setup.model.apply(setup.frozen, ids))

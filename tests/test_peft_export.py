@@ -103,7 +103,7 @@ def test_cli_export_peft_and_bf16_merged(tiny_config, tmp_path):
     wd = str(tmp_path / "run")
     tiny_config.lora.dora = True
     run(tiny_config, wd)
-    _, setup, trainable = _load_workdir(wd)
+    _, setup, _, trainable = _load_workdir(wd)
     ours = np.asarray(setup.model.apply(setup.full_params(trainable), IDS))
 
     pdir = str(tmp_path / "peft")
