@@ -4,6 +4,5 @@
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=_env.sh
 . "$(dirname "$0")/_env.sh" "[test]"
-# Two workers by default (SFTJAX_TEST_WORKERS=0 runs in one process); tests marked with one xdist_group
-# share a worker (and its module fixtures); the slowest tests are listed.
-python -m pytest -q -n "${SFTJAX_TEST_WORKERS:-2}" --dist loadgroup --durations=15 "$@"
+# Two workers by default (SFTJAX_TEST_WORKERS=0 runs in one process); the slowest tests are listed.
+python -m pytest -q -n "${SFTJAX_TEST_WORKERS:-2}" --durations=15 "$@"
