@@ -113,9 +113,13 @@ class LogMetrics(Hook):
         self.writer.scalars(done, m, "train/")
         self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m.get('tokens_per_sec', 0):.0f}")
 
+    def end(self, loop, state):
+        self.close()  # before the final evaluation and samples print: their lines then stand alone
+
     def close(self):
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 class Evaluate(Hook):
