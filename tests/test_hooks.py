@@ -81,9 +81,18 @@ def test_signal_finishes_the_step_lets_hooks_save_then_raises():
             if loop.stopping:
                 saved.append(done)
 
+    loop = _loop([Save()], steps=5)
     with pytest.raises(Interrupted, match="after step 1"):
-        _loop([Save()], steps=5).run(0)
+        loop.run(0)
     assert saved == [1]  # hooks acting after the signal (e.g. Checkpoint) see it in the same step
+    assert loop._request._timer.finished.is_set()  # the grace timer ends with the run, not the process
+    held = _loop([Save()], steps=5)
+    held.keep_grace = True  # as train.loop.run does: the timer also bounds its wait for the async save
+    with pytest.raises(Interrupted):
+        held.run(0)
+    assert not held._request._timer.finished.is_set()
+    held.release()
+    assert held._request._timer.finished.is_set()
 
 
 class FakeCheckpointer:

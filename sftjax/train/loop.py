@@ -70,8 +70,14 @@ class StopRequest:
         self._timer.start()
 
     def __exit__(self, *exc):
+        """Restore the handlers; after a signal the grace timer keeps running until `release`,
+        so it also bounds what the caller finishes afterwards (waiting for the asynchronous save)."""
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        if self.signal is None:
+            self.release()
+
+    def release(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
 
@@ -98,7 +104,9 @@ class Loop:
     done: int = 0  # steps done so far
     stop_reason: str | None = None  # set by a hook (early stopping): the loop ends after this step
     last_eval: tuple = (None, None)  # (step, metrics) of the latest evaluation (the Evaluate hook's)
+    keep_grace: bool = False  # True: the caller calls `release` after its own final work (see `run`)
     _stop: StopRequest | None = None
+    _request: StopRequest | None = None
 
     @property
     def signalled(self) -> bool:
@@ -119,7 +127,7 @@ class Loop:
             for h in self.hooks:
                 h.start(self, state)
             with StopRequest(self.grace) as stop:
-                self._stop = stop
+                self._stop = self._request = stop
                 for step in range(self.start, self.steps):
                     batch = next(self.loader)
                     placed = place_batch(batch, self.mesh, local=True, rules=self.rules)
@@ -143,6 +151,13 @@ class Loop:
         finally:
             for h in self.hooks:
                 h.close()
+            if not self.keep_grace:
+                self.release()
+
+    def release(self) -> None:
+        """End the grace period a stop signal started (no-op without one)."""
+        if self._request is not None:
+            self._request.release()
 
 
 def hooks_for(cfg, setup: Setup, data: pipeline.Prepared, writer, ckpt, loader) -> list[H.Hook]:
@@ -184,13 +199,16 @@ def run(cfg, workdir: str) -> dict:
         loader, writer, loop, state = _prepare(cfg, workdir, ckpt)
         loop.run(state)
     finally:  # also on errors and signals: finish pending async saves, flush events, keep results so far
-        ckpt.close()
-        for closable in (loader, writer):
-            if closable is not None:
-                closable.close()
-        if jax.process_index() == 0 and loop.results:
-            W.write_json(os.path.join(workdir, W.RESULTS), loop.results)
-            log.info("%s", summary(loop.results, workdir, loop.done, loop.steps, time.perf_counter() - started))
+        try:
+            ckpt.close()
+            for closable in (loader, writer):
+                if closable is not None:
+                    closable.close()
+            if jax.process_index() == 0 and loop.results:
+                W.write_json(os.path.join(workdir, W.RESULTS), loop.results)
+                log.info("%s", summary(loop.results, workdir, loop.done, loop.steps, time.perf_counter() - started))
+        finally:
+            loop.release()  # after a stop signal the grace period covered the asynchronous save too
     return loop.results
 
 
@@ -212,7 +230,7 @@ def _prepare(cfg, workdir: str, ckpt: Checkpointer):
     start, restored = ckpt.restore_newest(state, loader)
     loop = Loop(train_step(cfg, setup, tx, sched, state, len(data.names)), setup.frozen, loader, setup.mesh,
                 cfg.train.steps, hooks_for(cfg, setup, data, writer, ckpt, loader), start=start or 0,
-                rules=setup.rules, grace=cfg.train.stop_grace_secs)
+                rules=setup.rules, grace=cfg.train.stop_grace_secs, keep_grace=True)
     if start:
         state = restored
         loop.results = W.read_json(os.path.join(workdir, W.RESULTS)) or {}
