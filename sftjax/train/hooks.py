@@ -6,7 +6,6 @@ new hooks registered in `train.loop.hooks_for`; the loop itself does not change.
 from __future__ import annotations
 
 import logging
-import math
 import resource
 import time
 
@@ -40,6 +39,12 @@ class Hook:
 
     def close(self) -> None:
         pass
+
+
+def gain(value: float, best: float, mode: str) -> float:
+    """How much `value` improves on `best` (positive: better) for a metric that improves to `mode`
+    (min | max): the one comparison behind keep-best, early stopping and the eval line's best."""
+    return best - value if mode == "min" else value - best
 
 
 def fmt(d: dict) -> str:
@@ -143,7 +148,7 @@ class Evaluate(Hook):
         if self.best is None or self.best[0] not in ev:
             return None
         best, value = loop.results.get("best"), ev[self.best[0]]
-        if step and (best is None or (value < best["value"] if self.best[1] == "min" else value > best["value"])):
+        if step and (best is None or gain(value, best["value"], self.best[1]) > 0):
             return {"metric": self.best[0], "value": value, "step": step}
         return best
 
@@ -156,7 +161,7 @@ class Evaluate(Hook):
             self._eval(loop, done, state, f"at step {done}")
 
     def end(self, loop, state):
-        step, ev = getattr(loop, "last_eval", (None, None))
+        step, ev = loop.last_eval
         if step != loop.done:  # an early stop right after an evaluation has it already
             ev = self._eval(loop, loop.done, state, "after training")
         loop.results["after"]["eval"] = ev
@@ -193,15 +198,14 @@ class Checkpoint(Hook):
 
     def start(self, loop, state):
         loop.results["checkpoints"] = self.ckpt.dir
-        ev = getattr(loop, "last_eval", (None, None))[1]
+        ev = loop.last_eval[1]
         if self.ckpt.metric and ev is not None and self.ckpt.metric not in ev:
             raise UserError(f"checkpoint.best_metric: this run's evaluation has no {self.ckpt.metric!r}; it reports "
                             f"{', '.join(k for k in ev if k != 'examples')}")
-        best = self.ckpt.best() if self.ckpt.metric and loop.start else None
-        self.best = None if best is None else (best[0], best[1])
+        self.best = self.ckpt.best() if self.ckpt.metric and loop.start else None
 
     def after_step(self, loop, done, state, metrics, batch):
-        evaluated = bool(self.ckpt.metric) and getattr(loop, "last_eval", (None,))[0] == done
+        evaluated = bool(self.ckpt.metric) and loop.last_eval[0] == done
         final = done == loop.steps and not loop.signalled
         if final and self.ckpt.metric and not evaluated:
             return  # saved by `end`, with the final evaluation's metrics
@@ -209,7 +213,7 @@ class Checkpoint(Hook):
             self._save(loop, done, state, loop.last_eval[1] if evaluated else None)
 
     def end(self, loop, state):
-        step, ev = getattr(loop, "last_eval", (None, None))
+        step, ev = loop.last_eval
         if loop.done not in self.ckpt.steps():
             self._save(loop, loop.done, state, ev if self.ckpt.metric and step == loop.done else None)
 
@@ -219,8 +223,7 @@ class Checkpoint(Hook):
             self._track(loop, step, ev[self.ckpt.metric])
 
     def _track(self, loop, step: int, value: float) -> None:
-        better = self.best is None or (value < self.best[1] if self.ckpt.mode == "min" else value > self.best[1])
-        if better:
+        if self.best is None or gain(value, self.best[1], self.ckpt.mode) > 0:
             self.best = (step, value)
         loop.results["best"] = {"metric": self.ckpt.metric, "value": self.best[1], "step": self.best[0]}
 
@@ -269,12 +272,11 @@ class EarlyStop(Hook):
         self.best, self.bad = None, 0
 
     def after_step(self, loop, done, state, metrics, batch):
-        step, ev = getattr(loop, "last_eval", (None, None))
+        step, ev = loop.last_eval
         if step != done:
             return
         value = ev[self.metric]
-        gain = (self.best[1] - value if self.mode == "min" else value - self.best[1]) if self.best else math.inf
-        if gain > self.min_delta:
+        if self.best is None or gain(value, self.best[1], self.mode) > self.min_delta:
             self.best, self.bad = (step, value), 0
             return
         self.bad += 1
