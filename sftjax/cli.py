@@ -15,6 +15,7 @@ import sys
 
 from sftjax.errors import Interrupted, UserError
 
+log = logging.getLogger("sftjax")
 CHECKPOINT_HELP = ("which checkpoint: latest | best (checkpoint.best_metric's) | a step number | auto "
                    "(default: best after an early stop, else latest)")
 
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("absl", "jax", "orbax", "transformers", "grain", "tensorboardX", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    sys.unraisablehook = _quiet_unraisable
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     try:
@@ -97,6 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:  # the checkpoint is saved: a clean, resumable stop
         print(f"stopped: {e}", file=sys.stderr)
         return 0
+
+
+def _quiet_unraisable(unraisable) -> None:
+    """Exceptions Python can only ignore (a library's coroutine failing as it is collected, e.g. Orbax
+    reading a broken checkpoint that sftjax has already reported) go to the debug log, not the console."""
+    try:
+        log.debug("ignored in %r: %r", unraisable.object, unraisable.exc_value)
+    except Exception:  # noqa: BLE001 - at interpreter shutdown logging may be gone: stay silent
+        pass
 
 
 def _load_workdir(workdir: str, which: str = "auto"):
@@ -112,7 +123,7 @@ def _load_workdir(workdir: str, which: str = "auto"):
     setup = build(cfg)
     resolve(setup.tokenizer, cfg.data.chat_template)  # generate with the template training used
     step, trainable = trainable_at(workdir, setup, cfg, which, prefer_best=stopped.startswith("early stopping"))
-    logging.getLogger("sftjax").info("%s: checkpoint step %d", workdir, step)
+    log.info("%s: checkpoint step %d", workdir, step)
     return cfg, setup, step, trainable
 
 
