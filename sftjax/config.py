@@ -30,6 +30,7 @@ MESH_RULES: dict[str, tuple[str, ...]] = {
     "kv": ("tensor",),
     "vocab": ("tensor",),
     "layers": (),
+    "classes": (),  # a task head's outputs (classification, token classification): few, replicated
 }
 EVAL_METRICS = ("loss", "perplexity", "token_accuracy", "exact_match")  # train.evaluate's; loss/SOURCE too
 REMAT = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload")
