@@ -42,10 +42,15 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> LlamaConfig:
-    """LlamaConfig from a transformers config dict; unsupported families raise naming `source`."""
+    """LlamaConfig (BertConfig for model_type bert) from a transformers config dict; unsupported
+    families raise naming `source`."""
     mtype = hf.get("model_type", "llama")
+    if mtype == "bert":
+        from sftjax.io.bert import bert_config_from_hf
+
+        return bert_config_from_hf(hf, source)
     if mtype not in _SUPPORTED:
-        raise UserError(f"{source}: model_type {mtype!r} is not supported (supported: {', '.join(_SUPPORTED)})")
+        raise UserError(f"{source}: model_type {mtype!r} is not supported (supported: {', '.join(_SUPPORTED)}, bert)")
     try:
         scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
         if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
@@ -111,7 +116,13 @@ def hf_to_lazy(sd: Mapping[str, Lazy | np.ndarray], cfg: LlamaConfig, source: st
     """HF state dict -> nested param tree of lazy leaves, layer weights stacked on a leading axis.
 
     Nothing is read here: a leaf reads its slices (through the transposes and the layer stack)
-    when it is placed on the mesh."""
+    when it is placed on the mesh. A `BertConfig` reads a BERT checkpoint (`io/bert.py`)."""
+    from sftjax.models.bert import BertConfig
+
+    if isinstance(cfg, BertConfig):
+        from sftjax.io.bert import bert_to_lazy
+
+        return bert_to_lazy(sd, cfg, source)
 
     def take(name) -> Lazy:
         if name not in sd:
