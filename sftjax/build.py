@@ -6,16 +6,19 @@ Shared by `train`, `generate` and `export`, so all three see exactly the same pa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 
 from sftjax import params as P
+from sftjax.data.labels import Head, head_for
 from sftjax.errors import UserError
-from sftjax.io.load import open_pretrained
+from sftjax.io.load import is_encoder, open_pretrained
 from sftjax.models import layout
 from sftjax.models.llama import Llama, LlamaConfig, Runtime
 from sftjax.parallel import mesh as sharding
@@ -35,6 +38,7 @@ class Setup:
     trainable: dict  # sharded jax arrays
     frozen: dict  # sharded jax arrays, never donated, never in the optimizer
     rules: dict  # logical axis -> mesh axes (mesh.rules)
+    head: Head | None = None  # a task head (task.type classification / token_classification), if any
 
     @property
     def model_cfg(self) -> LlamaConfig:
@@ -76,6 +80,29 @@ def transforms(cfg) -> tuple[Transform, ...]:
     return tuple(out)
 
 
+def architecture(mcfg):
+    """The models/ module class of a model config."""
+    if mcfg.model_type == "bert":
+        from sftjax.models.bert import Bert
+
+        return Bert
+    return Llama
+
+
+def task_head(module, base: dict, seed: int) -> dict:
+    """The leaves `module` has and the base checkpoint has not (a task head: `score` on a decoder,
+    `classifier` on an encoder): kernels ~ N(0, 0.02), biases 0, as transformers initialises them."""
+    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), np.zeros((1, 8), np.int32)))["params"]
+    have = P.flatten(base)
+    rng = np.random.default_rng(seed)
+    new = {}
+    for path, leaf in P.flatten(nn.unbox(abstract)).items():
+        if path not in have:
+            new[path] = (rng.normal(0, 0.02, leaf.shape) if path.endswith("kernel") else np.zeros(leaf.shape)
+                         ).astype(np.float32)
+    return P.unflatten(new)
+
+
 def split(cfg, base: dict, mcfg: LlamaConfig) -> tuple[dict, dict]:
     """(trainable, frozen) trees of lazy leaves (read when placed) and small numpy adapters:
     adapters, a prompt, or base leaves chosen by train.freeze; with model.quantize the frozen
@@ -92,7 +119,8 @@ def split(cfg, base: dict, mcfg: LlamaConfig) -> tuple[dict, dict]:
     if cfg.prompt_tuning.method != "none":  # the whole base stays frozen
         pt = cfg.prompt_tuning
         return prompt.init(pt.method, base, mcfg, pt.length, cfg.train.seed, cfg.model.scan_layers), quantize(base)
-    pats = freeze.trainable_patterns(cfg.train, mcfg.num_hidden_layers, mcfg.tie_word_embeddings)
+    pats = freeze.trainable_patterns(cfg.train, mcfg.num_hidden_layers, mcfg.tie_word_embeddings,
+                                     lm_head=cfg.task.type == "causal_lm")
     chosen = P.matching(P.flatten(base), pats, "train.trainable" if cfg.train.freeze == "regex" else "train.freeze")
     trainable, frozen = P.split(base, chosen)
     return trainable, quantize(frozen)
@@ -115,11 +143,18 @@ def logical_axes(model: Adapted, trees: list[dict]) -> dict:
 def build(cfg, tokenizer=None) -> Setup:
     """The model, mesh and parameter split for a validated `cfg`; `tokenizer` if already loaded."""
     mcfg, base, tok = open_pretrained(cfg.model.path, tokenizer)  # lazy: read when placed
+    head = head_for(cfg, is_encoder(cfg.model.path))
+    if head is not None:  # a task head replaces the vocabulary head
+        mcfg = dataclasses.replace(mcfg, num_labels=len(head.names),
+                                   **({"pooling": head.position} if hasattr(mcfg, "pooling") else {}))
+        base = {k: v for k, v in base.items() if k != "lm_head"}
     mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules_from(cfg.mesh)
-    model = Adapted(Llama(mcfg, runtime(cfg.model, mesh, rules)), transforms(cfg))
+    model = Adapted(architecture(mcfg)(mcfg, runtime(cfg.model, mesh, rules)), transforms(cfg))
     if not cfg.model.scan_layers:
         base = layout.unstack(base, mcfg.num_hidden_layers)
     trainable, frozen = split(cfg, base, mcfg)
+    if head is not None:  # the head always trains, whatever else does
+        trainable = P.merge(trainable, task_head(model.base, base, cfg.train.seed))
     n_train, n_all = P.count(trainable), P.count(base)
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)
     if cfg.model.quantize != "none":
@@ -130,4 +165,4 @@ def build(cfg, tokenizer=None) -> Setup:
     frozen = sharding.place(frozen, frozen_shardings)
     shardings = sharding.param_shardings(trainable, axes, mesh, rules)
     trainable = sharding.place(lora.magnitudes(trainable, frozen, shardings), shardings)
-    return Setup(model, tok, mesh, trainable, frozen, rules)
+    return Setup(model, tok, mesh, trainable, frozen, rules, head)

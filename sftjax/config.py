@@ -32,7 +32,9 @@ MESH_RULES: dict[str, tuple[str, ...]] = {
     "layers": (),
     "classes": (),  # a task head's outputs (classification, token classification): few, replicated
 }
-EVAL_METRICS = ("loss", "perplexity", "token_accuracy", "exact_match")  # train.evaluate's; loss/SOURCE too
+# train.evaluate's (loss/SOURCE too); accuracy and macro_f1 with task.type=classification, f1
+# (entity level) with token_classification.
+EVAL_METRICS = ("loss", "perplexity", "token_accuracy", "exact_match", "accuracy", "macro_f1", "f1")
 REMAT = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload")
 
 
@@ -82,6 +84,18 @@ def base_config() -> ConfigDict:
         num_shards=0,  # data shards (0: one per process); fix it to keep the data order across host counts
         max_eval_examples=256,
         seed=0,
+    )
+    # What is trained: causal_lm (next-token loss on the targets, e.g. assistant replies) |
+    # classification (a linear head over data.labels on one position per example) |
+    # token_classification (a per-token head over BIO tags of the types in data.labels; the first
+    # sub-token of each word is labelled, the rest ignored). See docs/tasks.md.
+    c.task = dict(
+        type="causal_lm",
+        # Where a classification head reads: auto (decoder: the last non-pad token; encoder: the
+        # first, [CLS]) | last | first | mean (mean of the tokens; encoders only).
+        pooling="auto",
+        class_weights=(),  # one loss weight per data.labels entry (imbalanced data); () = all 1
+        balance_classes=False,  # weights n / (k * count) from the training data (instead of class_weights)
     )
     c.lora = dict(
         enabled=True,
@@ -216,6 +230,8 @@ CHOICES = {
     ("model", "remat"): REMAT,
     ("train", "on_nonfinite"): ("stop", "skip"),
     ("checkpoint", "best_mode"): ("min", "max"),
+    ("task", "type"): ("causal_lm", "classification", "token_classification"),
+    ("task", "pooling"): ("auto", "last", "first", "mean"),
 }
 POSITIVE = [("train", "steps"), ("train", "batch_size"), ("train", "grad_accum"), ("data", "max_length"),
             ("lora", "rank"), ("optim", "lr"), ("checkpoint", "every"), ("checkpoint", "max_to_keep")]
@@ -253,8 +269,36 @@ def validate(cfg: ConfigDict) -> None:
         raise UserError(f"data.quality: unknown filter {', '.join(map(repr, unknown))}; "
                         f"known filters: {', '.join(QUALITY)}")
     _validate_trainable(cfg)
+    _validate_task(cfg)
     _validate_rules(cfg.mesh.rules)
     _validate_stopping(cfg)
+
+
+def _validate_task(cfg: ConfigDict) -> None:
+    """Task heads need the label set, and a sequence's label in one place."""
+    t = cfg.task
+    if t.type == "causal_lm":
+        if t.class_weights or t.balance_classes:
+            raise UserError("task.class_weights: class weights apply to task.type=classification or "
+                            "token_classification, not causal_lm")
+        return
+    if not cfg.data.labels:
+        what = "class names" if t.type == "classification" else "entity types (e.g. PER, LOC)"
+        raise UserError(f"task.type={t.type}: needs data.labels, the {what}, e.g. --config.data.labels=a,b")
+    if t.class_weights and t.balance_classes:
+        raise UserError("task.class_weights: set either class_weights or balance_classes, not both")
+    if t.class_weights:
+        if t.type != "classification":
+            raise UserError("task.class_weights: given per data.labels entry, for task.type=classification; "
+                            "use task.balance_classes for token_classification")
+        if len(t.class_weights) != len(cfg.data.labels) or not all(
+                isinstance(w, (int, float)) and w > 0 for w in t.class_weights):
+            raise UserError(f"task.class_weights: needs one positive weight per data.labels entry "
+                            f"({len(cfg.data.labels)}), got {tuple(t.class_weights)!r}")
+    if cfg.data.packing and t.pooling == "mean":
+        raise UserError("task.pooling=mean: averages over the whole row, so it cannot be packed; set data.packing=False")
+    if cfg.prompt_tuning.method != "none":
+        raise UserError(f"prompt_tuning.method={cfg.prompt_tuning.method}: not with task heads (task.type={t.type})")
 
 
 def _validate_stopping(cfg: ConfigDict) -> None:

@@ -21,7 +21,7 @@ import math
 import grain
 import numpy as np
 
-from sftjax.data.tokens import TokenStore, next_token, targets_first
+from sftjax.data.tokens import TokenStore, features, targets_first
 from sftjax.errors import UserError
 
 FEATURES = ("inputs", "labels", "weights", "source")
@@ -34,13 +34,16 @@ def bucket_edges(lengths: np.ndarray, n_buckets: int, max_len: int) -> list[int]
     return sorted({min(max_len, math.ceil(q / 8) * 8) for q in qs})
 
 
-def _features(store: TokenStore, source: int, pad_to: int | None, pad_id: int):
-    """Index -> per-example features; length n-1 (inputs and their next-token labels)."""
+def _features(store: TokenStore, source: int, pad_to: int | None, pad_id: int, class_weights=None):
+    """Index -> per-example features; length n-1 (inputs and their next-token labels, or a task
+    head's class labels, weighted by `class_weights` [num classes] if given)."""
 
     def get(i):
         ids, tgt = store.example(int(i))
         n = len(ids) - 1
-        out = {**next_token(ids, tgt), "source": np.full(n, source, np.int32)}
+        out = {**features(ids, tgt, store.example_labels(int(i))), "source": np.full(n, source, np.int32)}
+        if class_weights is not None:
+            out["weights"] = out["weights"] * class_weights[out["labels"]]
         if pad_to is not None:
             out = {k: np.pad(v, (0, pad_to - n), constant_values=pad_id if k == "inputs" else 0)
                    for k, v in out.items()}
@@ -50,9 +53,10 @@ def _features(store: TokenStore, source: int, pad_to: int | None, pad_id: int):
     return get
 
 
-def _stream(store: TokenStore, rows: np.ndarray, source: int, seed: int, pad_to, pad_id) -> grain.IterDataset:
+def _stream(store: TokenStore, rows: np.ndarray, source: int, seed: int, pad_to, pad_id,
+            class_weights=None) -> grain.IterDataset:
     ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat(None)
-    return ds.map(_features(store, source, pad_to, pad_id)).to_iter_dataset()
+    return ds.map(_features(store, source, pad_to, pad_id, class_weights)).to_iter_dataset()
 
 
 def _mix(streams: list, weights: list[float]) -> grain.IterDataset:
@@ -80,13 +84,13 @@ def _rename(batch: dict) -> dict:
 
 
 def shard_dataset(stores: list[TokenStore], weights: list[float], dcfg, shard: int, num_shards: int,
-                  local_batch: int, pad_id: int, head_slots: int | None) -> grain.IterDataset:
+                  local_batch: int, pad_id: int, head_slots: int | None, class_weights=None) -> grain.IterDataset:
     """The batch stream of one data shard (see the module docstring)."""
     seed = dcfg.seed * 1000 + shard
     length = dcfg.max_length
     if dcfg.packing:
-        streams = [_stream(st, _shard_rows(np.arange(len(st)), shard, num_shards), s, seed + 97 * s, None, pad_id)
-                   for s, st in enumerate(stores)]
+        streams = [_stream(st, _shard_rows(np.arange(len(st)), shard, num_shards), s, seed + 97 * s, None, pad_id,
+                           class_weights) for s, st in enumerate(stores)]
         packed = grain.experimental.BestFitPackIterDataset(
             _mix(streams, weights), length_struct={k: length for k in FEATURES}, num_packing_bins=max(PACK_BINS, local_batch),
             seed=seed, shuffle_bins=True)
@@ -102,7 +106,8 @@ def shard_dataset(stores: list[TokenStore], weights: list[float], dcfg, shard: i
             share = len(rows) / len(st) * weights[s]
             if share == 0:
                 continue
-            streams.append(_stream(st, _shard_rows(rows, shard, num_shards), s, seed + 97 * s + 7919 * b, edge, pad_id))
+            streams.append(_stream(st, _shard_rows(rows, shard, num_shards), s, seed + 97 * s + 7919 * b, edge, pad_id,
+                                   class_weights))
             ws.append(share)
         if not streams:
             continue
@@ -168,8 +173,10 @@ class ShardedLoader:
 
 
 def make_loader(stores: list[TokenStore], weights: list[float], dcfg, global_batch: int, pad_id: int,
-                head_slots: int | None, process_index: int = 0, process_count: int = 1, prefetch: int = 2) -> ShardedLoader:
-    """The loader for this process: data.num_shards (0: one per process) split over the processes."""
+                head_slots: int | None, process_index: int = 0, process_count: int = 1, prefetch: int = 2,
+                class_weights=None) -> ShardedLoader:
+    """The loader for this process: data.num_shards (0: one per process) split over the processes;
+    `class_weights` [num classes] scale a task head's loss per class."""
     num_shards = dcfg.num_shards or process_count
     if num_shards % process_count:
         raise UserError(f"data.num_shards: {num_shards} is not a multiple of the {process_count} processes")
@@ -178,5 +185,6 @@ def make_loader(stores: list[TokenStore], weights: list[float], dcfg, global_bat
     per = num_shards // process_count
     shards = list(range(process_index * per, (process_index + 1) * per))
     local = global_batch // num_shards
-    datasets = [shard_dataset(stores, weights, dcfg, s, num_shards, local, pad_id, head_slots) for s in shards]
+    datasets = [shard_dataset(stores, weights, dcfg, s, num_shards, local, pad_id, head_slots, class_weights)
+                for s in shards]
     return ShardedLoader(datasets, shards, prefetch)

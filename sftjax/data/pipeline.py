@@ -20,7 +20,7 @@ import numpy as np
 from sftjax.data import filters, templates
 from sftjax.data.recipes import load_recipe
 from sftjax.data.records import Record, read_records
-from sftjax.data.tokens import StoreBuilder, TokenStore, encode_records, next_token, targets_first
+from sftjax.data.tokens import StoreBuilder, TokenStore, encode_records, features, targets_first
 from sftjax.errors import UserError
 
 log = logging.getLogger("sftjax")
@@ -36,13 +36,14 @@ class Examples:
     source: np.ndarray | None = None  # [N] int32, index into the mixture's sources
     # Target slots per row when targets are sparse (see `Llama`'s head_positions); None: all L.
     head_slots: int | None = None
+    labels: np.ndarray | None = None  # [N, L+1] int32: a task head's class ids (-1: none)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def batch(self, rows) -> dict[str, np.ndarray]:
         """Model inputs and next-token targets for the given example rows."""
-        feats = next_token(self.ids[rows], self.targets[rows])
+        feats = features(self.ids[rows], self.targets[rows], None if self.labels is None else self.labels[rows])
         batch = {"input_ids": feats["inputs"], "valid": self.valid[rows][:, :-1], "labels": feats["labels"],
                  "weights": feats["weights"]}
         if self.source is not None:
@@ -60,6 +61,11 @@ def padded(store: TokenStore, length: int, pad_id: int, source: np.ndarray | Non
         ids[i, : len(x)], tgt[i, : len(x)] = x, m
     ex = Examples(ids, tgt, np.arange(length)[None, :] < store.lengths[:, None], source)
     ex.head_slots = head_slots([store], length - 1)
+    if store.labels is not None:
+        ex.labels = np.full((n, length), -1, np.int32)
+        for i in range(n):
+            lab = store.example_labels(i)
+            ex.labels[i, : len(lab)] = lab
     return ex
 
 
@@ -114,19 +120,21 @@ class Prepared:
     report: dict
 
 
-def load(cfg, tokenizer) -> Prepared:
+def load(cfg, tokenizer, head=None) -> Prepared:
     """Every stage of the data path up to the loader, with a per-source report of what it removed.
 
     Held-out records: a recipe's own split, else data.eval, else a data.eval_fraction of each
-    source; at most data.max_eval_examples of each source are kept for evaluation.
+    source; at most data.max_eval_examples of each source are kept for evaluation. With a task
+    `head` (`data/labels.py`) examples carry class labels instead of next-token targets.
     """
     d = cfg.data
-    templates.resolve(tokenizer, d.chat_template, model=cfg.model.path)
+    if head is None:  # task heads read the raw text: no chat template
+        templates.resolve(tokenizer, d.chat_template, model=cfg.model.path)
     names, weights, stores, eval_recs, eval_src, report = [], [], [], [], [], {}
     for s, (src, weight) in enumerate(sources(cfg)):
         recs, held = read(src, d)
         filt = filters.RecordFilter(d.dedup, d.near_dup_threshold, tuple(d.quality), src)
-        builder = StoreBuilder(tokenizer, d, src)
+        builder = StoreBuilder(tokenizer, d, src, head)
         mine, n_read, n_held = [], 0, 0
         for rec in recs:
             n_read += 1
@@ -157,7 +165,7 @@ def load(cfg, tokenizer) -> Prepared:
         eval_src = [0] * len(eval_recs)
     eval_ex = None
     if eval_recs:
-        store, _ = encode_records(eval_recs, tokenizer, d, "eval data")
+        store, _ = encode_records(eval_recs, tokenizer, d, "eval data", head)
         kept = set(store.wheres)
         src_of = np.asarray([s for r, s in zip(eval_recs, eval_src, strict=True) if r.where in kept], np.int32)
         eval_ex = padded(store, d.max_length + 1, tokenizer.pad_token_id, src_of)

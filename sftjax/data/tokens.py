@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sftjax.data import labels
 from sftjax.data.chat import encode
 from sftjax.data.records import Record
 from sftjax.errors import UserError
@@ -26,6 +27,7 @@ class TokenStore:
     targets: np.ndarray  # bool [total tokens]: loss mask
     offsets: np.ndarray  # int64 [n + 1]: example i is ids[offsets[i]:offsets[i + 1]]
     wheres: list[str]  # record of each example, for inspection and error messages
+    labels: np.ndarray | None = None  # int32 [total tokens]: class ids for a task head (-1: none)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -37,6 +39,9 @@ class TokenStore:
     def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = self.offsets[i], self.offsets[i + 1]
         return self.ids[a:b], self.targets[a:b]
+
+    def example_labels(self, i: int) -> np.ndarray | None:
+        return None if self.labels is None else self.labels[self.offsets[i]:self.offsets[i + 1]]
 
     def target_fraction(self) -> float:
         return float(self.targets.sum() / max(len(self.ids), 1))
@@ -63,10 +68,11 @@ class StoreBuilder:
     means the template split failed.
     """
 
-    def __init__(self, tokenizer, dcfg, name: str):
-        self.tokenizer, self.d, self.name = tokenizer, dcfg, name
+    def __init__(self, tokenizer, dcfg, name: str, head=None):
+        self.tokenizer, self.d, self.name, self.head = tokenizer, dcfg, name, head
         self.ids: list[np.ndarray] = []
         self.targets: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
         self.wheres: list[str] = []
         self.lengths = [0]
         self.removed = {"too_long": 0, "too_short": 0, "no_targets": 0}
@@ -75,18 +81,22 @@ class StoreBuilder:
     def add(self, rec: Record) -> bool:
         """Encode `rec`; True if it became an example, False if it was removed (and counted)."""
         d = self.d
-        x, m = encode(self.tokenizer, rec, d.loss_on)
         self.seen += 1
-        self.chat += rec.text is None
-        cut = truncate(x, m, d.max_length + 1, d.truncation)
+        if self.head is not None:
+            cut = labels.encode(self.tokenizer, rec, self.head, d.max_length, d.truncation)
+        else:
+            self.chat += rec.text is None
+            cut = truncate(*encode(self.tokenizer, rec, d.loss_on), d.max_length + 1, d.truncation)
         if cut is None:
             self.removed["too_long"] += 1
             return False
-        x, m = cut
+        x, m = cut[:2]
         if len(x) < max(d.min_tokens, 2):
             self.removed["too_short"] += 1
             return False
-        if not m[1:].any():  # the first token is never a target: nothing precedes it
+        # Next-token targets: the first token is never one (nothing precedes it); head labels: the
+        # last token (the appended pad) never is.
+        if not (m[:-1] if self.head is not None else m[1:]).any():
             if d.on_no_targets == "raise":
                 raise UserError(f"{rec.where}: no target token left after truncation to data.max_length="
                                 f"{d.max_length} ({len(x)} tokens); raise data.max_length or set "
@@ -95,6 +105,8 @@ class StoreBuilder:
             return False
         self.ids.append(x)
         self.targets.append(m)
+        if self.head is not None:
+            self.labels.append(cut[2])
         self.wheres.append(rec.where)
         self.lengths.append(len(x))
         return True
@@ -111,18 +123,19 @@ class StoreBuilder:
                             f"({', '.join(f'{k}={v}' for k, v in self.removed.items() if v) or 'no records'}); "
                             "check data.max_length, data.min_tokens and data.truncation")
         store = TokenStore(np.concatenate(self.ids).astype(np.int32), np.concatenate(self.targets),
-                           np.cumsum(self.lengths, dtype=np.int64), self.wheres)
+                           np.cumsum(self.lengths, dtype=np.int64), self.wheres,
+                           np.concatenate(self.labels) if self.labels else None)
         if self.chat and d.loss_on != "all" and store.targets.all():
             raise UserError(f"{name}: the loss mask covers every token of every chat example, so the chat template "
                             "was not split into turns; check data.chat_template (or set data.loss_on=all on purpose)")
-        log.info("%s: %d examples, %d tokens, %.1f%% of tokens trained (data.loss_on=%s)", name, len(store),
-                 len(store.ids), 100 * store.target_fraction(), d.loss_on)
+        log.info("%s: %d examples, %d tokens, %.1f%% of tokens trained (%s)", name, len(store), len(store.ids),
+                 100 * store.target_fraction(), f"data.loss_on={d.loss_on}" if self.head is None else "labelled tokens")
         return store, dict(self.removed)
 
 
-def encode_records(records, tokenizer, dcfg, name: str) -> tuple[TokenStore, dict[str, int]]:
+def encode_records(records, tokenizer, dcfg, name: str, head=None) -> tuple[TokenStore, dict[str, int]]:
     """All of `records` through a StoreBuilder."""
-    builder = StoreBuilder(tokenizer, dcfg, name)
+    builder = StoreBuilder(tokenizer, dcfg, name, head)
     for rec in records:
         builder.add(rec)
     return builder.finish()
@@ -132,6 +145,16 @@ def next_token(ids: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
     """The one definition of the label shift: position t reads token t and predicts token t+1,
     whose loss counts if t+1 is a target. Works on one example [L] or a batch [B, L]."""
     return {"inputs": ids[..., :-1], "labels": ids[..., 1:], "weights": targets[..., 1:].astype(np.float32)}
+
+
+def features(ids: np.ndarray, targets: np.ndarray, labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """`next_token`, or with class `labels` (task heads, see `data/labels.py`) no shift: position t
+    reads token t and is scored against labels[t] (the last token is the pad that `labels.encode`
+    appended, so every real token keeps its place)."""
+    if labels is None:
+        return next_token(ids, targets)
+    return {"inputs": ids[..., :-1], "labels": np.maximum(labels[..., :-1], 0),
+            "weights": targets[..., :-1].astype(np.float32)}
 
 
 def targets_first(batch: dict[str, np.ndarray], slots: int) -> dict[str, np.ndarray]:

@@ -36,6 +36,22 @@ def resolve(path: str) -> tuple[str, str]:
     raise UserError(f"model.path: {path!r} is neither a HF model folder nor a .gguf file")
 
 
+ENCODERS = ("bert",)  # model_type values of encoder-only (bidirectional) architectures
+
+
+def is_encoder(path: str) -> bool:
+    """Whether `model.path` is an encoder (reads only its config.json; GGUF files are decoders)."""
+    kind, path = resolve(path)
+    config = os.path.join(path, "config.json")
+    if kind == "gguf" or not os.path.isfile(config):
+        return False
+    try:
+        with open(config) as f:
+            return json.load(f).get("model_type") in ENCODERS
+    except (OSError, ValueError, AttributeError):
+        return False  # open_folder reports a broken config.json
+
+
 def load_tokenizer(path: str):
     """Only the tokenizer (and chat template) of a model: no weights are read."""
     kind, path = resolve(path)

@@ -52,6 +52,9 @@ class LlamaConfig:
     eos_token_id: int | None = None
     pad_token_id: int | None = None
     model_type: str = "llama"
+    # > 0: a task head `score` [hidden, num_labels] replaces the vocabulary head (classification,
+    # token classification); the logits are then per class. Not part of the base checkpoint.
+    num_labels: int = 0
 
     @property
     def dim_per_head(self) -> int:
@@ -144,7 +147,7 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """Decoder-only LM. Returns float32 logits [B, T, vocab].
+    """Decoder-only LM. Returns float32 logits [B, T, vocab] ([B, T, num_labels] with a task head).
 
     With `head_positions` [B, K] the vocabulary head runs only at those positions and the logits
     are [B, K, vocab]: when few tokens are targets (short replies to long prompts) this skips most
@@ -175,7 +178,9 @@ class Llama(nn.Module):
         if head_positions is not None:
             x = jnp.take_along_axis(x, head_positions[..., None], axis=1)
         x = RMSNorm(cfg.rms_norm_eps, rt.dtype, name="norm")(x)
-        if cfg.tie_word_embeddings:
+        if cfg.num_labels:
+            logits = Dense(cfg.num_labels, ("embed", "classes"), False, rt.dtype, name="score")(x)
+        elif cfg.tie_word_embeddings:
             logits = embed.attend(x, rt.dtype)
         else:
             logits = Dense(cfg.vocab_size, ("embed", "vocab"), False, rt.dtype, name="lm_head")(x)

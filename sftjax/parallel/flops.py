@@ -145,11 +145,11 @@ def _position(path: str, num_layers: int) -> int | None:
     m = UNROLLED.match(path)
     if m:
         return int(m.group(1))
-    if path.startswith("embed_tokens/") or path == "prompt_embedding":
+    if path.startswith(("embed_tokens/", "embeddings/")) or path == "prompt_embedding":
         return -1
     if path.startswith("norm/"):
         return num_layers
-    if path.startswith("lm_head/"):
+    if path.startswith(("lm_head/", "score/", "classifier/")):  # the vocabulary head or a task head
         return num_layers + 1
     return None
 
@@ -197,7 +197,7 @@ def training_cost(mcfg, shapes: Mapping[str, tuple[int, ...]], trainable: set[st
             extra_keys = shape[0]
         n = _matmul_entries(path, shape)
         trained = path in trainable
-        if path == "embed_tokens/embedding" and mcfg.tie_word_embeddings:  # the tied head
+        if path == "embed_tokens/embedding" and mcfg.tie_word_embeddings and not getattr(mcfg, "num_labels", 0):
             per_target += math.prod(shape) * (2 + 2 * backward_through(n_layers + 1) + 2 * trained)
         if not n:
             continue

@@ -10,9 +10,12 @@ from sftjax.infer.generate import chat
 from sftjax.parallel.mesh import place_batch
 
 
-def evaluate(setup, eval_step, examples, trainable, batch_size: int, names: list[str] = ()) -> dict:
+def evaluate(setup, eval_step, examples, trainable, batch_size: int, names: list[str] = (),
+             predict_step=None) -> dict:
     """Held-out loss, perplexity, token accuracy and exact match (every target token argmax-correct,
-    i.e. greedy decoding would reproduce the whole reply); with several sources, each one's loss."""
+    i.e. greedy decoding would reproduce the whole reply); with several sources, each one's loss.
+    With a task head and its `predict_step`, also its headline scores (accuracy and macro F1, or
+    entity F1)."""
     n = len(examples)
     totals: dict[str, float | np.ndarray] = {}
     for s in range(0, n, batch_size):
@@ -27,6 +30,11 @@ def evaluate(setup, eval_step, examples, trainable, batch_size: int, names: list
            "token_accuracy": float(totals["correct"] / max(totals["tokens"], 1)),
            "exact_match": float(totals["exact"] / max(totals["rows"], 1)), "examples": int(totals["rows"])}
     out.update(per_source(totals, names))
+    if predict_step is not None and setup.head is not None:
+        from sftjax.train.predict import headline, predict, scores
+
+        out.update(headline(setup.head, scores(setup.head, predict(setup, predict_step, examples, trainable,
+                                                                    batch_size))))
     return out
 
 

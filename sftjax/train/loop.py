@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jax
+import numpy as np
 
 from sftjax.build import Setup, build
 from sftjax.data import pipeline
+from sftjax.data.labels import class_weights, head_for
 from sftjax.data.loader import make_loader
 from sftjax.errors import Interrupted
-from sftjax.io.load import base_fingerprint, load_tokenizer
+from sftjax.io.load import base_fingerprint, is_encoder, load_tokenizer
 from sftjax.parallel import flops
 from sftjax.parallel.mesh import RULES, check_batch, place_batch
 from sftjax.train import hooks as H
@@ -30,7 +32,7 @@ from sftjax.train import workdir as W
 from sftjax.train.checkpoint import Checkpointer
 from sftjax.train.evaluate import evaluate, sample_conversations
 from sftjax.train.metrics import Writer, summary
-from sftjax.train.step import init_state, make_eval_step, make_train_step
+from sftjax.train.step import init_state, make_eval_step, make_predict_step, make_train_step
 
 log = logging.getLogger("sftjax")
 
@@ -163,20 +165,22 @@ class Loop:
 def hooks_for(cfg, setup: Setup, data: pipeline.Prepared, writer, ckpt, loader) -> list[H.Hook]:
     """The periodic actions of a training run, in the order they act after each step."""
     eval_step = make_eval_step(setup.model, len(data.names))
+    predict_step = None if setup.head is None else make_predict_step(setup.model)
     micro = cfg.train.batch_size // cfg.train.grad_accum
     out = [H.LogHparams(writer, cfg), H.LogData(writer, setup.tokenizer, data),
            H.LogMetrics(cfg.train.log_every, writer, data.names, flops.for_run(cfg, setup)),
            H.NonFinite(cfg.train.on_nonfinite, cfg.train.max_nonfinite, ckpt.latest_step)]
     if data.eval is not None:
         best = (cfg.checkpoint.best_metric, cfg.checkpoint.best_mode) if cfg.checkpoint.best_metric else None
-        out.append(H.Evaluate(lambda t: evaluate(setup, eval_step, data.eval, t, micro, data.names),
+        out.append(H.Evaluate(lambda t: evaluate(setup, eval_step, data.eval, t, micro, data.names, predict_step),
                               cfg.train.eval_every, writer, best))
     convs = sample_conversations(cfg.train, data.eval_records)
     if data.eval is not None and cfg.early_stop.patience:
         out.append(H.EarlyStop(cfg.checkpoint.best_metric, cfg.checkpoint.best_mode, cfg.early_stop.patience,
                                cfg.early_stop.min_delta))
-    out += [H.Samples(setup, convs, cfg.train.sample_max_new_tokens, writer),
-            H.Checkpoint(ckpt, cfg.checkpoint.every, loader)]
+    if setup.head is None:  # a task head generates nothing
+        out.append(H.Samples(setup, convs, cfg.train.sample_max_new_tokens, writer))
+    out.append(H.Checkpoint(ckpt, cfg.checkpoint.every, loader))
     return out
 
 
@@ -215,14 +219,18 @@ def run(cfg, workdir: str) -> dict:
 def _prepare(cfg, workdir: str, ckpt: Checkpointer):
     """(loader, writer, Loop, state): ready to run from the newest readable checkpoint, if any."""
     tok = load_tokenizer(cfg.model.path)
-    data = pipeline.load(cfg, tok)  # bad data fails fast, before the model loads or any file is written
+    head = head_for(cfg, is_encoder(cfg.model.path))
+    data = pipeline.load(cfg, tok, head)  # bad data fails fast, before the model loads or any file is written
     setup = build(cfg, tok)  # the tokenizer with data.chat_template applied: samples use it too
     for name, rep in data.report.items():
         log.info("data %s: %s", name, rep)
     check_batch(setup.mesh, cfg.train.batch_size // cfg.train.grad_accum, setup.rules)
     slots = None if cfg.data.packing else pipeline.head_slots(data.train, cfg.data.max_length)
+    weights = None if head is None else class_weights(cfg, head, np.concatenate([s.labels for s in data.train]))
+    if weights is not None:
+        log.info("class weights: %s", ", ".join(f"{n}={w:.3g}" for n, w in zip(head.names, weights, strict=True)))
     loader = make_loader(data.train, data.weights, cfg.data, cfg.train.batch_size, tok.pad_token_id, slots,
-                         jax.process_index(), jax.process_count())
+                         jax.process_index(), jax.process_count(), class_weights=weights)
     state, tx, sched = init_state(setup, cfg.optim, cfg.train.steps)
     if jax.process_index() == 0:
         W.write_config(cfg, workdir)

@@ -94,11 +94,15 @@ def eval_line(when: str, ev: dict, best: dict | None = None) -> str:
     """One console line per evaluation: the metrics worth reading at a glance (per-source losses
     and the rest go to TensorBoard), and the tracked best so far. `best`: {"metric", "value", "step"}."""
     parts = [f"loss {ev['loss']:.4f}"]
-    if "perplexity" in ev:
+    heads = [(k, label) for k, label in (("accuracy", "accuracy"), ("macro_f1", "macro F1"), ("f1", "entity F1"),
+                                         ("precision", "P"), ("recall", "R")) if k in ev]
+    if heads:  # a task head: its scores say more than perplexity
+        parts += [f"{label} {ev[k]:.1%}" for k, label in heads]
+    elif "perplexity" in ev:
         parts.append(f"ppl {ev['perplexity']:.2f}")
-    if "token_accuracy" in ev:
+    if "token_accuracy" in ev and not heads:
         parts.append(f"token acc {ev['token_accuracy']:.1%}")
-    if "exact_match" in ev:
+    if "exact_match" in ev and not heads:
         parts.append(f"exact match {ev['exact_match']:.1%}")
     line = f"eval {when}: " + ", ".join(parts)
     if "examples" in ev:

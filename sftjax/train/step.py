@@ -137,3 +137,16 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
 def make_eval_step(model, num_sources: int = 1):
     """trainable, frozen, batch -> summed token statistics (add them up over batches)."""
     return jax.jit(lambda trainable, frozen, batch: token_stats(model, trainable, frozen, batch, None, num_sources))
+
+
+def make_predict_step(model):
+    """trainable, frozen, batch -> (argmax class [B, K], its probability [B, K]) at the head
+    positions (all positions without them): a task head's predictions and confidences."""
+
+    def predict(trainable, frozen, batch):
+        logits = model.apply(merge(frozen, trainable), batch["input_ids"], batch["valid"],
+                             positions=batch.get("position_ids"), segment_ids=batch.get("segment_ids"),
+                             head_positions=batch.get("head_positions"))
+        return jnp.argmax(logits, -1).astype(jnp.int32), jax.nn.softmax(logits, -1).max(-1)
+
+    return jax.jit(predict)
