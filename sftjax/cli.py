@@ -35,11 +35,24 @@ def _parser() -> argparse.ArgumentParser:
     i = dsub.add_parser("inspect", help="per-source counts and N examples with the trained tokens highlighted")
     i.add_argument("--config", required=True, help="configs/NAME.py; override keys with --config.a.b=value")
     i.add_argument("-n", type=int, default=3, help="examples to show per source")
-    g = sub.add_parser("generate", help="reply to a prompt with the fine-tuned model of a workdir")
+    g = sub.add_parser("generate", help="reply to prompts with the fine-tuned model of a workdir")
     g.add_argument("--workdir", required=True)
-    g.add_argument("--prompt", action="append", required=True, help="user message (repeatable)")
+    what = g.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", action="append", help="user message; print the reply (repeatable)")
+    what.add_argument("--prompts", metavar="FILE.jsonl",
+                      help='one {"prompt": ...} or {"messages": [...]} per line; writes --output')
+    what.add_argument("--chat", action="store_true", help="interactive: one user turn per stdin line, "
+                                                          "until EOF or /exit")
+    g.add_argument("--output", metavar="FILE.jsonl", help="--prompts: each input line plus \"output\" "
+                                                          "(default: standard output)")
     g.add_argument("--system", help="system message placed before each prompt")
     g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: all)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", default=[], help="end the reply before this text (repeatable)")
+    g.add_argument("--batch-size", type=int, default=8, help="--prompts: prompts decoded together")
     g.add_argument("--base", action="store_true", help="use the base model, ignoring the checkpoint")
     g.add_argument("--checkpoint", default="auto", help=CHECKPOINT_HELP)
     e = sub.add_parser("export", help="write a merged HF folder (config, safetensors, tokenizer) or a PEFT adapter")
@@ -192,15 +205,45 @@ def _convert(args) -> int:
 
 
 def _generate(args) -> int:
+    from sftjax.infer import prompts as prompt_file
+    from sftjax.infer.converse import converse
     from sftjax.infer.generate import chat
+    from sftjax.infer.sample import Sampling
 
+    # Everything the flags can get wrong fails here, before the model loads.
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed, tuple(args.stop))
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise UserError("--max-new-tokens and --batch-size: at least 1")
+    if args.output and not args.prompts:
+        raise UserError("--output: only with --prompts")
+    items = prompt_file.read_prompts(args.prompts, args.system) if args.prompts else None
+    if args.output:
+        prompt_file.check_output(args.output)
     cfg, setup, step, trainable = _load_workdir(args.workdir, args.checkpoint)
     params = setup.full_params(None if args.base else trainable)
+    if items is not None:
+        rows = prompt_file.reply_all(setup.model, params, setup.tokenizer, items, args.max_new_tokens, sampling,
+                                     args.batch_size)
+        prompt_file.write_outputs(args.output, rows)
+        if args.output:
+            log.info("wrote %d replies to %s", len(rows), args.output)
+        return 0
+    if args.chat:
+        lines = iter(lambda: input("> "), None) if sys.stdin.isatty() else sys.stdin
+        try:
+            converse(setup.model, params, setup.tokenizer, lines, args.max_new_tokens, sampling, args.system,
+                     lambda reply: print(f"{reply}\n", flush=True))
+        except EOFError:  # Ctrl-D at the prompt
+            pass
+        return 0
     system = [{"role": "system", "content": args.system}] if args.system else []
     convs = [system + [{"role": "user", "content": p}] for p in args.prompt]
-    for prompt, reply in zip(args.prompt, chat(setup.model, params, setup.tokenizer, convs, args.max_new_tokens),
-                             strict=True):
-        print(f"> {prompt}\n{reply}\n")
+    replies = chat(setup.model, params, setup.tokenizer, convs, args.max_new_tokens, sampling)
+    if len(args.prompt) == 1:
+        print(replies[0])
+    else:
+        for prompt, reply in zip(args.prompt, replies, strict=True):
+            print(f"> {prompt}\n{reply}\n")
     return 0
 
 

@@ -1,27 +1,32 @@
-"""Greedy decoding with a key/value cache, compiled once per model and shape.
+"""Decoding with a key/value cache, compiled once per model and shape: greedy or sampled.
 
 Prompts are left-padded to a common length (a multiple of 8) so every row writes its next token
 into the same cache slot; padding slots are masked out and positions count real tokens only, so a
 padded row decodes exactly as it would alone. Two compiled shapes per (batch, prompt length,
 max_new_tokens): the prompt (prefill) and one token. The jitted function belongs to a `Generator`
 kept per model, so repeated calls (samples at every evaluation, `sftjax generate`) compile nothing.
+The sampling settings (temperature, top-k, top-p, seed; see sample.py) enter the step as traced
+scalars, so changing them compiles nothing either. A row stops at EOS or when `done` says so
+(`chat` uses it for stop strings); the batch stops when every row has.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sftjax.infer.sample import Sampling, cut_at_stop, pick
 from sftjax.models.llama import init_cache
 
 _GENERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class Generator:
-    """Greedy decoding for one model (an `Adapted`); get it with `generator(model)`."""
+    """Decoding for one model (an `Adapted`); get it with `generator(model)`."""
 
     def __init__(self, model):
         self._model = weakref.ref(model)  # the registry is keyed by the model: no strong cycle back to it
@@ -32,17 +37,24 @@ class Generator:
     def model(self):
         return self._model()
 
-    def _decode(self, params, ids, valid, positions, cache, index):
+    def _decode(self, params, ids, valid, positions, cache, index, settings, step):
         self.traces += 1
         last = jnp.full((ids.shape[0], 1), ids.shape[1] - 1, jnp.int32)
         logits, cache = self.model.apply(params, ids, valid, positions, cache=cache, cache_index=index,
                                          head_positions=last)
-        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+        return pick(logits[:, -1], *settings, step), cache
 
-    def greedy(self, params, prompts: list[np.ndarray], max_new_tokens: int, eos_id: int | None,
-               pad_id: int = 0) -> list[np.ndarray]:
-        """Generated token ids (without the prompt, up to and including EOS) for each prompt."""
+    def generate(self, params, prompts: list[np.ndarray], max_new_tokens: int, eos_id: int | None,
+                 pad_id: int = 0, sampling: Sampling | None = None,
+                 done: Callable[[int, np.ndarray], bool] | None = None) -> list[np.ndarray]:
+        """Generated token ids (without the prompt, up to and including EOS) for each prompt.
+
+        Args:
+            sampling: how to pick tokens (default: greedy); its `stop` strings are not read here.
+            done: `done(row, ids_so_far)` -> True ends that row after its latest token (stop strings).
+        """
         b = len(prompts)
+        settings = (sampling or Sampling()).arrays()
         p_len = -(-max(len(p) for p in prompts) // 8) * 8
         ids = np.full((b, p_len), pad_id, np.int32)
         valid = np.zeros((b, p_len + max_new_tokens), bool)
@@ -52,26 +64,26 @@ class Generator:
         positions = np.maximum(np.cumsum(valid[:, :p_len], axis=1) - 1, 0).astype(np.int32)
         params = self.model.prepare(params)  # e.g. a prompt's keys/values, once instead of every token
         tok, cache = self._step(params, ids, valid, positions, init_cache(self.model.cfg, b, valid.shape[1]),
-                                jnp.int32(0))
+                                jnp.int32(0), settings, jnp.int32(0))
         out = np.zeros((b, max_new_tokens), np.int32)
-        done = np.zeros(b, bool)
-        n = 0
+        length = np.full(b, max_new_tokens)  # a row's tokens end here (EOS included)
         for n in range(1, max_new_tokens + 1):
             t = np.asarray(tok)
             out[:, n - 1] = t
-            done |= (t == eos_id) if eos_id is not None else False
-            if n == max_new_tokens or done.all():
+            for i in np.flatnonzero(length == max_new_tokens):
+                if (eos_id is not None and t[i] == eos_id) or (done is not None and done(i, out[i, :n])):
+                    length[i] = n
+            if n == max_new_tokens or (length < max_new_tokens).all():
                 break
             valid[:, p_len + n - 1] = True
             tok, cache = self._step(params, t[:, None], valid, (positions[:, -1] + n)[:, None].astype(np.int32),
-                                    cache, jnp.int32(p_len + n - 1))
-        return [_until_eos(out[i, :n], eos_id) for i in range(b)]
+                                    cache, jnp.int32(p_len + n - 1), settings, jnp.int32(n))
+        return [out[i, : length[i]] for i in range(b)]
 
-
-def _until_eos(row: np.ndarray, eos_id: int | None) -> np.ndarray:
-    if eos_id is not None and (row == eos_id).any():
-        return row[: int(np.argmax(row == eos_id)) + 1]
-    return row
+    def greedy(self, params, prompts: list[np.ndarray], max_new_tokens: int, eos_id: int | None,
+               pad_id: int = 0) -> list[np.ndarray]:
+        """`generate` with the default (greedy) settings."""
+        return self.generate(params, prompts, max_new_tokens, eos_id, pad_id)
 
 
 def generator(model) -> Generator:
@@ -87,11 +99,28 @@ def greedy(model, params, prompts: list[np.ndarray], max_new_tokens: int, eos_id
     return generator(model).greedy(params, prompts, max_new_tokens, eos_id, pad_id)
 
 
-def chat(model, params, tokenizer, conversations: list, max_new_tokens: int) -> list[str]:
-    """Replies to conversations (a user prompt string or a list of messages), without specials."""
+def sample(model, params, prompts: list[np.ndarray], max_new_tokens: int, eos_id: int | None,
+           sampling: Sampling, pad_id: int = 0) -> list[np.ndarray]:
+    """`generator(model).generate(...)` with `sampling` (its stop strings are for `chat`, on text)."""
+    return generator(model).generate(params, prompts, max_new_tokens, eos_id, pad_id, sampling)
+
+
+def chat(model, params, tokenizer, conversations: list, max_new_tokens: int,
+         sampling: Sampling | None = None) -> list[str]:
+    """Replies to conversations (a user prompt string or a list of messages), without specials,
+    each cut before the first of `sampling.stop` (a row stops generating once one appears)."""
     from sftjax.data.chat import prompt_ids
 
+    sampling = sampling or Sampling()
     prompts = [prompt_ids(tokenizer, [{"role": "user", "content": c}] if isinstance(c, str) else c)
                for c in conversations]
-    outs = greedy(model, params, prompts, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
+
+    def text(ids: np.ndarray) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    def stopped(_row: int, ids: np.ndarray) -> bool:
+        return cut_at_stop(text(ids), sampling.stop)[1]
+
+    outs = generator(model).generate(params, prompts, max_new_tokens, tokenizer.eos_token_id,
+                                     tokenizer.pad_token_id or 0, sampling, stopped if sampling.stop else None)
+    return [cut_at_stop(text(o), sampling.stop)[0].strip() for o in outs]
