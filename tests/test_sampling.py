@@ -104,3 +104,16 @@ def test_generate_prompts_file_writes_each_line_plus_output(tiny_config, tmp_pat
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [1, 2] and all(isinstance(r["output"], str) for r in rows)
     assert rows[1]["messages"][0]["content"] == "Name a colour."
+
+
+def test_chat_keeps_the_history_until_exit(tiny_config):
+    from sftjax.build import build
+    from sftjax.infer.converse import converse
+
+    setup = build(tiny_config)
+    said = []
+    history = converse(setup.model, setup.full_params(), setup.tokenizer, ["Hi\n", "\n", "And then?\n", "/exit\n",
+                                                                          "never read\n"],
+                       4, Sampling(), system="Be brief.", say=said.append)
+    assert [m["role"] for m in history] == ["system", "user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in history[2::2]] == said
