@@ -62,11 +62,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=("merged", "peft"), default="merged",
                    help="merged: a full HF model folder; peft: adapter_config.json + adapter_model.safetensors")
     e.add_argument("--checkpoint", default="auto", help=CHECKPOINT_HELP)
-    ev = sub.add_parser("eval", help="held-out loss, perplexity, token accuracy and exact match of a workdir's "
-                                     "checkpoint; writes WORKDIR/eval.json")
+    ev = sub.add_parser("eval", help="every score of a workdir's checkpoint on held-out data (loss, perplexity, "
+                                     "generation ROUGE-L/BLEU; classification report and confusion matrix; "
+                                     "entity F1; general-data perplexity); writes WORKDIR/eval.json")
     ev.add_argument("--workdir", required=True)
     ev.add_argument("--checkpoint", default="auto", help=CHECKPOINT_HELP)
     ev.add_argument("--data", help="held-out data file (default: the run's own held-out split)")
+    ev.add_argument("--generate", type=int, default=32, metavar="N",
+                    help="causal_lm: score greedy replies to the first N held-out conversations (0: off)")
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--forgetting", metavar="SOURCE",
+                    help="general data (e.g. recipe:chitchat) to compare perplexity before and after "
+                         "(default: the run's data.forgetting)")
     pl = sub.add_parser("plan", help="per-device memory of a training step on each mesh, before loading or compiling")
     pl.add_argument("--config", required=True, help="configs/NAME.py; override keys with --config.a.b=value; "
                                                     "model.path may be a folder holding only a config.json")
@@ -134,7 +141,8 @@ def _load_workdir(workdir: str, which: str = "auto"):
     cfg = read_config(workdir)
     stopped = (read_json(os.path.join(workdir, RESULTS)) or {}).get("stopped", "")
     setup = build(cfg)
-    resolve(setup.tokenizer, cfg.data.chat_template)  # generate with the template training used
+    if setup.head is None:  # generate with the template training used (task heads read raw text)
+        resolve(setup.tokenizer, cfg.data.chat_template)
     step, trainable = trainable_at(workdir, setup, cfg, which, prefer_best=stopped.startswith("early stopping"))
     log.info("%s: checkpoint step %d", workdir, step)
     return cfg, setup, step, trainable
@@ -271,25 +279,33 @@ def _export(args) -> int:
 
 
 def _eval(args) -> int:
+    if args.generate < 0 or args.max_new_tokens <= 0:
+        raise UserError("--generate must be >= 0 and --max-new-tokens positive")
+    if args.data and not os.path.exists(args.data):
+        raise UserError(f"--data: {args.data} not found")
     from sftjax.data import pipeline
-    from sftjax.train.evaluate import evaluate
-    from sftjax.train.hooks import fmt
-    from sftjax.train.step import make_eval_step
+    from sftjax.train.metrics import Writer
+    from sftjax.train.report import report
     from sftjax.train.workdir import write_json
 
     cfg, setup, step, trainable = _load_workdir(args.workdir, args.checkpoint)
+    cfg.unlock()
     if args.data:
-        cfg.unlock()
         cfg.data.eval = args.data
-        cfg.lock()
-    data = pipeline.load(cfg, setup.tokenizer)
+    if args.forgetting is not None:
+        cfg.data.forgetting = args.forgetting
+    cfg.lock()
+    data = pipeline.load(cfg, setup.tokenizer, setup.head)
     if data.eval is None:
         raise UserError("--data: this run has no held-out split (data.eval_fraction=0); name a file with --data")
-    out = evaluate(setup, make_eval_step(setup.model, len(data.names)), data.eval, trainable,
-                   cfg.train.batch_size // cfg.train.grad_accum, data.names)
+    writer = Writer(args.workdir)
+    try:
+        out, text = report(cfg, setup, data, trainable, step, writer, args.generate, args.max_new_tokens)
+    finally:
+        writer.close()
     out = {"checkpoint": step, "data": args.data or cfg.data.eval or "held-out split", **out}
     write_json(os.path.join(args.workdir, "eval.json"), out)
-    print(fmt(out))
+    print(text)
     return 0
 
 

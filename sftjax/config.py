@@ -84,6 +84,10 @@ def base_config() -> ConfigDict:
         num_shards=0,  # data shards (0: one per process); fix it to keep the data order across host counts
         max_eval_examples=256,
         seed=0,
+        # A general-data source (e.g. recipe:chitchat) whose perplexity is measured at every
+        # evaluation, before and after training, to see how much the model forgot ("": off).
+        # Its held-out split (a recipe's) or its first data.max_eval_examples records are used.
+        forgetting="",
     )
     # What is trained: causal_lm (next-token loss on the targets, e.g. assistant replies) |
     # classification (a linear head over data.labels on one position per example) |

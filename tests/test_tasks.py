@@ -1,6 +1,7 @@
 """Task heads (task.type): where labels sit on tokens, the head on the last non-pad token whatever
 the padding, what trains, class weights, and a short run that learns each task."""
 
+import json
 import os
 
 import numpy as np
@@ -129,3 +130,23 @@ def test_a_short_run_learns_the_task_and_leaves_the_base_untouched(tiny_config, 
     assert set(trained) == {"layers", "score"}
     assert not np.allclose(trained["score"]["kernel"], setup.trainable["score"]["kernel"])
     assert np.abs(np.asarray(trained["layers"]["mlp"]["up_proj"]["lora_b"])).max() > 0
+    # `sftjax eval` on the same checkpoint: the full report, consistent with the run's own evaluation.
+    from sftjax.cli import main
+
+    assert main(["eval", f"--workdir={tmp_path / 'w'}"]) == 0
+    ev = json.load(open(tmp_path / "w" / "eval.json"))
+    assert ev[metric] == pytest.approx(after)
+    if kind == "classification":
+        assert set(ev["per_class"]) == {"pos", "neg"} and np.sum(ev["confusion"]) == ev["examples"]
+        images = [v.tag for v in _events(tmp_path / "w" / "tb") if v.metadata.plugin_data.plugin_name == "images"]
+        assert images == ["eval/confusion"]
+    else:
+        assert set(ev["per_type"]) == {"PER", "LOC"}
+
+
+def _events(folder):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    for name in sorted(os.listdir(folder)):
+        for event in EventFileLoader(os.path.join(folder, name)).Load():
+            yield from event.summary.value

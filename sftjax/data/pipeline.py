@@ -11,6 +11,7 @@ stage removed. Only token ids and masks are kept, so a large file never sits in 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -118,6 +119,7 @@ class Prepared:
     eval: Examples | None
     eval_records: list[Record]
     report: dict
+    forgetting: Examples | None = None  # data.forgetting's examples (general data), if set
 
 
 def load(cfg, tokenizer, head=None) -> Prepared:
@@ -172,4 +174,17 @@ def load(cfg, tokenizer, head=None) -> Prepared:
     elif d.eval_fraction > 0:
         log.warning("no held-out records (data.eval_fraction=%s of a small source); evaluation is skipped",
                     d.eval_fraction)
-    return Prepared(names, weights, stores, eval_ex, eval_recs, report)
+    return Prepared(names, weights, stores, eval_ex, eval_recs, report, general(cfg, tokenizer, head))
+
+
+def general(cfg, tokenizer, head=None) -> Examples | None:
+    """data.forgetting's held-out examples (a recipe's split, else the source's first
+    data.max_eval_examples records), as next-token examples; None when unset or with a task head
+    (which has no language-model head to measure)."""
+    d = cfg.data
+    if not d.forgetting or head is not None:
+        return None
+    recs, held = read(d.forgetting, d)
+    recs = held if held else list(itertools.islice(recs, d.max_eval_examples))
+    store, _ = encode_records(recs[: d.max_eval_examples], tokenizer, d, f"data.forgetting {d.forgetting}")
+    return padded(store, d.max_length + 1, tokenizer.pad_token_id)

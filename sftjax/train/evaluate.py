@@ -11,11 +11,11 @@ from sftjax.parallel.mesh import place_batch
 
 
 def evaluate(setup, eval_step, examples, trainable, batch_size: int, names: list[str] = (),
-             predict_step=None) -> dict:
+             predict_step=None, general=None) -> dict:
     """Held-out loss, perplexity, token accuracy and exact match (every target token argmax-correct,
     i.e. greedy decoding would reproduce the whole reply); with several sources, each one's loss.
     With a task head and its `predict_step`, also its headline scores (accuracy and macro F1, or
-    entity F1)."""
+    entity F1). With `general` examples (data.forgetting) also their perplexity, `general_perplexity`."""
     n = len(examples)
     totals: dict[str, float | np.ndarray] = {}
     for s in range(0, n, batch_size):
@@ -30,6 +30,8 @@ def evaluate(setup, eval_step, examples, trainable, batch_size: int, names: list
            "token_accuracy": float(totals["correct"] / max(totals["tokens"], 1)),
            "exact_match": float(totals["exact"] / max(totals["rows"], 1)), "examples": int(totals["rows"])}
     out.update(per_source(totals, names))
+    if general is not None:
+        out["general_perplexity"] = evaluate(setup, eval_step, general, trainable, batch_size)["perplexity"]
     if predict_step is not None and setup.head is not None:
         from sftjax.train.predict import headline, predict, scores
 
@@ -55,10 +57,18 @@ def sample_conversations(train_cfg, eval_records) -> list[list[dict]]:
     """Free prompts from train.sample_prompts, then the first train.sample_eval held-out
     conversations cut before their last assistant turn."""
     convs = [[{"role": "user", "content": p}] for p in train_cfg.sample_prompts]
-    for rec in eval_records[: train_cfg.sample_eval]:
-        last = max(i for i, m in enumerate(rec.messages) if m["role"] == "assistant")
-        convs.append(list(rec.messages[:last]))
-    return convs
+    return convs + [c for c, _ in prompts_and_replies(eval_records[: train_cfg.sample_eval])]
+
+
+def prompts_and_replies(records) -> list[tuple[list[dict], str]]:
+    """(conversation up to the last assistant turn, that turn's text) of each chat record (records
+    without an assistant turn, e.g. plain text, are skipped)."""
+    out = []
+    for rec in records:
+        turns = [i for i, m in enumerate(rec.messages) if m["role"] == "assistant"]
+        if turns:
+            out.append((list(rec.messages[: turns[-1]]), rec.messages[turns[-1]]["content"]))
+    return out
 
 
 def samples(setup, trainable, convs, max_new_tokens: int) -> list[str]:

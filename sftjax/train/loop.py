@@ -172,7 +172,8 @@ def hooks_for(cfg, setup: Setup, data: pipeline.Prepared, writer, ckpt, loader) 
            H.NonFinite(cfg.train.on_nonfinite, cfg.train.max_nonfinite, ckpt.latest_step)]
     if data.eval is not None:
         best = (cfg.checkpoint.best_metric, cfg.checkpoint.best_mode) if cfg.checkpoint.best_metric else None
-        out.append(H.Evaluate(lambda t: evaluate(setup, eval_step, data.eval, t, micro, data.names, predict_step),
+        out.append(H.Evaluate(lambda t: evaluate(setup, eval_step, data.eval, t, micro, data.names, predict_step,
+                                                 data.forgetting),
                               cfg.train.eval_every, writer, best))
     convs = sample_conversations(cfg.train, data.eval_records)
     if data.eval is not None and cfg.early_stop.patience:

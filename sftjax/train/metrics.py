@@ -34,6 +34,11 @@ class Writer:
         if self.tb is not None:
             self.tb.add_text(tag, text, step)
 
+    def image(self, step: int, tag: str, image) -> None:
+        """An HxWx3 uint8 image (e.g. a confusion matrix)."""
+        if self.tb is not None:
+            self.tb.add_image(tag, image, step, dataformats="HWC")
+
     def hparams(self, cfg, metrics: tuple[str, ...] = HPARAM_METRICS) -> None:
         """The flattened config for TensorBoard's HPARAMS tab, so runs under one logdir compare by
         config. Written into the scalars' own event folder: `SummaryWriter.add_hparams` would open a
@@ -104,6 +109,8 @@ def eval_line(when: str, ev: dict, best: dict | None = None) -> str:
         parts.append(f"token acc {ev['token_accuracy']:.1%}")
     if "exact_match" in ev and not heads:
         parts.append(f"exact match {ev['exact_match']:.1%}")
+    if "general_perplexity" in ev:
+        parts.append(f"general ppl {ev['general_perplexity']:.2f}")
     line = f"eval {when}: " + ", ".join(parts)
     if "examples" in ev:
         line += f" ({ev['examples']} examples)"
