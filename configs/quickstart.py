@@ -6,7 +6,9 @@ Run:
 The data is the `trec` recipe (sftjax/data/recipes.py): 5,081 training questions (5,061 fit in
 64 tokens), 300 held out of which the first 256 are evaluated, each answered with its answer type
 in one word. Evaluation before and after training reports
-held-out loss and exact match (the greedy reply equals the label).
+held-out loss and exact match (the greedy reply equals the label), and the perplexity of general
+chat (`recipe:chitchat`, data.forgetting) before and after: configs/trec_mix.py mixes chat back in
+against that forgetting (figures in docs/tasks.md).
 """
 
 from sftjax.config import base_config
@@ -28,4 +30,5 @@ def get_config():
     c.train.sample_eval = 4  # held-out questions answered before and after training
     c.checkpoint.every = 20
     c.model.dtype = "float32"
+    c.data.forgetting = "recipe:chitchat"  # general chat perplexity before and after: what was forgotten
     return c

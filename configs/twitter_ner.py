@@ -22,7 +22,7 @@ def get_config():
     c.data.max_length = 96
     c.lora.enabled = False
     c.optim.lr = 1e-4
-    c.train.steps = 600
+    c.train.steps = 400
     c.train.batch_size = 16
     c.train.log_every = 50
     c.train.eval_every = 200
