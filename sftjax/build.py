@@ -19,8 +19,8 @@ from sftjax import params as P
 from sftjax.data.labels import Head, head_for
 from sftjax.errors import UserError
 from sftjax.io.load import is_encoder, open_pretrained
-from sftjax.models import layout
-from sftjax.models.llama import Llama, LlamaConfig, Runtime
+from sftjax.models import architecture, layout
+from sftjax.models.llama import LlamaConfig, Runtime
 from sftjax.parallel import mesh as sharding
 from sftjax.peft import freeze, lora, prompt, quant
 from sftjax.peft.adapted import Adapted, Transform
@@ -78,15 +78,6 @@ def transforms(cfg) -> tuple[Transform, ...]:
     if cfg.train.fgm_epsilon > 0:
         out.append(EmbedDelta())
     return tuple(out)
-
-
-def architecture(mcfg):
-    """The models/ module class of a model config."""
-    if mcfg.model_type == "bert":
-        from sftjax.models.bert import Bert
-
-        return Bert
-    return Llama
 
 
 def task_head(module, base: dict, seed: int) -> dict:
