@@ -30,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="join a multi-process run: jax.distributed.initialize() from SFTJAX_COORDINATOR, "
                         "SFTJAX_NUM_PROCESSES, SFTJAX_PROCESS_ID if set, else auto-detected (SLURM, TPU pods); "
                         "SFTJAX_TIMEOUT_S (default 300) bounds the wait for a missing process (exit 75)")
+    st = sub.add_parser("selftrain", help="self-training (task.type=classification): a teacher on a labelled "
+                                          "fraction pseudo-labels the rest for a student, selftrain.rounds times; "
+                                          "writes WORKDIR/selftrain.json")
+    st.add_argument("--config", required=True, help="configs/NAME.py; override keys with --config.a.b=value")
+    st.add_argument("--workdir", required=True, help="round-K/ per round, its data as round-K.jsonl, heldout.jsonl")
     d = sub.add_parser("data", help="look at the training data as the step sees it")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     i = dsub.add_parser("inspect", help="per-source counts and N examples with the trained tokens highlighted")
@@ -168,6 +173,16 @@ def _train(args, overrides) -> int:
     except BaseException as e:
         watch.fail(e)  # tells the other processes and exits; they would wait for this one otherwise
     watch.done()
+    return 0
+
+
+def _selftrain(args, overrides) -> int:
+    from sftjax.config import load_config
+
+    cfg = load_config(args.config, overrides)  # a config mistake fails before the training stack imports
+    from sftjax.train.selftrain import selftrain
+
+    selftrain(cfg, args.workdir)
     return 0
 
 
@@ -314,8 +329,11 @@ def _dispatch(args, overrides: list[str]) -> int:
         return (_plan if args.cmd == "plan" else _ablate)(args, overrides)
     if args.cmd in ("train", "data"):
         return (_train if args.cmd == "train" else _data)(args, overrides)
+    if args.cmd == "selftrain":
+        return _selftrain(args, overrides)
     if overrides:
-        raise UserError(f"{overrides[0]}: --config.* overrides apply to `train`, `data`, `plan` and `ablate` only")
+        raise UserError(f"{overrides[0]}: --config.* overrides apply to `train`, `data`, `plan`, `ablate` and "
+                        "`selftrain` only")
     return {"convert": _convert, "generate": _generate, "export": _export, "eval": _eval}[args.cmd](args)
 
 

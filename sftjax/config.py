@@ -172,6 +172,13 @@ def base_config() -> ConfigDict:
     # Early stopping on checkpoint.best_metric (needs train.eval_every > 0): stop when it has not
     # improved by more than min_delta for `patience` evaluations in a row (0: off).
     c.early_stop = dict(patience=0, min_delta=0.0)
+    # `sftjax selftrain` (task.type=classification; see sftjax/train/selftrain.py): a teacher trained
+    # on a `labelled` fraction (0 < x <= 1, a seeded draw stratified by class) of the training records
+    # labels the rest; pseudo-labels with confidence >= `threshold`, at most `per_class` per class
+    # (0: as many as the smallest class kept, for balance), most confident first, join the labelled
+    # records to train a student from the base model, which teaches the next of `rounds` rounds.
+    # Every round trains train.steps steps.
+    c.selftrain = dict(labelled=0.01, rounds=3, threshold=0.9, per_class=0, seed=0)
     return c
 
 
@@ -276,6 +283,19 @@ def validate(cfg: ConfigDict) -> None:
     _validate_task(cfg)
     _validate_rules(cfg.mesh.rules)
     _validate_stopping(cfg)
+    _validate_selftrain(cfg.selftrain)
+
+
+def _validate_selftrain(st) -> None:
+    """selftrain.*: a labelled fraction, a confidence threshold, counts."""
+    if not (isinstance(st.labelled, (int, float)) and 0 < st.labelled <= 1):
+        raise UserError(f"selftrain.labelled: the fraction of training records that keep their labels, "
+                        f"0 < x <= 1; got {st.labelled}")
+    if not (isinstance(st.threshold, (int, float)) and 0 <= st.threshold <= 1):
+        raise UserError(f"selftrain.threshold: a confidence in [0, 1], got {st.threshold}")
+    for key, least in (("rounds", 1), ("per_class", 0)):
+        if not (isinstance(st[key], int) and st[key] >= least):
+            raise UserError(f"selftrain.{key}: an integer >= {least}, got {st[key]!r}")
 
 
 def _validate_task(cfg: ConfigDict) -> None:

@@ -59,7 +59,8 @@ def head_for(cfg, encoder: bool) -> Head | None:
     return Head(t.type, tuple(map(str, cfg.data.labels)), position)
 
 
-def _text(rec: Record) -> str:
+def class_text(rec: Record) -> str:
+    """The text a classification head reads: the record's last user turn (its label must be set)."""
     if rec.label is None:
         raise UserError(f"{rec.where}: task.type=classification needs a label on every record (text, label); "
                         "this record has none")
@@ -70,7 +71,7 @@ def encode(tokenizer, rec: Record, head: Head, max_length: int, truncation: str)
     """(ids, targets, labels) of one record for `head`, or None when data.truncation=drop and it is
     too long. ids end with one pad token; labels are class ids, -1 where there is none."""
     if head.kind == "classification":
-        text = _text(rec)
+        text = class_text(rec)
         if rec.label not in head.names:
             raise UserError(f"{rec.where}: label {rec.label!r} is not in data.labels ({', '.join(head.names)})")
         ids = np.asarray(tokenizer(text)["input_ids"], np.int32)
