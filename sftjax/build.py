@@ -112,6 +112,8 @@ def split(cfg, base: dict, mcfg: LlamaConfig) -> tuple[dict, dict]:
         return prompt.init(pt.method, base, mcfg, pt.length, cfg.train.seed, cfg.model.scan_layers), quantize(base)
     pats = freeze.trainable_patterns(cfg.train, mcfg.num_hidden_layers, mcfg.tie_word_embeddings,
                                      lm_head=cfg.task.type == "causal_lm")
+    if not any(p.startswith("norm/") for p in P.flatten(base)):  # an encoder has no final norm
+        pats = [p for p in pats if p != r"^norm/"]
     chosen = P.matching(P.flatten(base), pats, "train.trainable" if cfg.train.freeze == "regex" else "train.freeze")
     trainable, frozen = P.split(base, chosen)
     return trainable, quantize(frozen)

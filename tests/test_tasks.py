@@ -150,3 +150,23 @@ def _events(folder):
     for name in sorted(os.listdir(folder)):
         for event in EventFileLoader(os.path.join(folder, name)).Load():
             yield from event.summary.value
+
+
+def test_lora_presets_and_layer_freezing_reach_the_encoder(tiny_config):
+    """The same extension points on BERT: the qv preset finds query/value in every layer, and
+    train.freeze=last_layers trains the last layers and the classifier only."""
+    from sftjax.build import build
+
+    c = _task(tiny_config, "classification")
+    c.model.path = "all-minilm-l6-v2"
+    c.lora.targets = ("qv",)
+    setup = build(c)
+    from sftjax import params as P
+
+    assert sorted(P.flatten(setup.trainable)) == [
+        "classifier/bias", "classifier/kernel", "layers/attention/query/lora_a", "layers/attention/query/lora_b",
+        "layers/attention/value/lora_a", "layers/attention/value/lora_b"]
+    c.lora.enabled, c.train.freeze, c.train.last_layers, c.model.scan_layers = False, "last_layers", 1, False
+    validate(c)
+    trained = {p.split("/")[0] for p in P.flatten(build(c).trainable)}
+    assert trained == {"layers_5", "classifier"}

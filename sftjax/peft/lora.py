@@ -30,11 +30,14 @@ from sftjax.peft.adapted import Transform, hook
 
 ADAPTER_LEAVES = ("/lora_a", "/lora_b", "/lora_magnitude")
 
-# Module-path presets; a target is a regex searched in the kernel's module path.
+# Module-path presets; a target is a regex searched in the kernel's module path. Each preset
+# names the decoder's modules (self_attn/q_proj, mlp/up_proj) and the encoder's (attention/query,
+# intermediate, output) in one regex, so it fits either architecture.
+_ATTN = r"self_attn/(q|k|v|o)_proj$|attention/(query|key|value|output)$"
 PRESETS = {
-    "qv": [r"self_attn/(q|v)_proj$"],
-    "attention": [r"self_attn/(q|k|v|o)_proj$"],
-    "all_linear": [r"self_attn/(q|k|v|o)_proj$", r"mlp/(gate|up|down)_proj$"],
+    "qv": [r"self_attn/(q|v)_proj$|attention/(query|value)$"],
+    "attention": [_ATTN],
+    "all_linear": [_ATTN, r"mlp/(gate|up|down)_proj$|^layers(_\d+)?/(intermediate|output)$"],
 }
 
 
