@@ -23,9 +23,9 @@ def get_config():
     c.lora.enabled = False  # full fine-tuning: 22.7M parameters
     c.optim.lr = 5e-5
     c.optim.warmup_ratio = 0.1
-    c.train.steps = 300
+    c.train.steps = 150
     c.train.batch_size = 16
     c.train.log_every = 20
-    c.train.eval_every = 100
-    c.checkpoint.every = 100
+    c.train.eval_every = 75
+    c.checkpoint.every = 75
     return c
