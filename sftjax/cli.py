@@ -270,6 +270,23 @@ def _generate(args) -> int:
     return 0
 
 
+def _check_exportable(workdir: str, fmt: str) -> None:
+    """Refuse, from the run's config alone, what `export` cannot write: a BERT classification head
+    as a merged folder (`io.bert.SEQ_CLS_REFUSAL`), and PEFT adapters of an encoder."""
+    from sftjax.io.bert import SEQ_CLS_REFUSAL
+    from sftjax.io.load import is_encoder
+    from sftjax.train.workdir import read_config
+
+    cfg = read_config(workdir)
+    if not is_encoder(cfg.model.path):
+        return
+    if fmt == "peft":
+        raise UserError("--format=peft: PEFT names exist for decoder layers only; export this encoder run with "
+                        "--format=merged")
+    if cfg.task.type == "classification":
+        raise UserError(SEQ_CLS_REFUSAL)
+
+
 def _export(args) -> int:
     import jax
     import numpy as np
@@ -278,6 +295,7 @@ def _export(args) -> int:
     from sftjax.train.workdir import check_writable
 
     check_writable(args.out, "--out")  # before the model loads
+    _check_exportable(args.workdir, args.format)  # before the model loads too
     cfg, setup, step, trainable = _load_workdir(args.workdir, args.checkpoint)
     if args.format == "peft":
         from sftjax.peft.export import write_adapter
@@ -285,10 +303,10 @@ def _export(args) -> int:
         if not cfg.lora.enabled:
             raise UserError("--format=peft: this run trained without LoRA (lora.enabled=False); use --format=merged")
         write_adapter(args.out, cfg.lora, trainable, setup.model_cfg.num_hidden_layers, cfg.model.path,
-                      dtype=args.dtype)
+                      dtype=args.dtype, head=setup.head)
     else:
         merged = jax.tree.map(np.asarray, setup.merged_params(trainable))
-        write_hf_folder(args.out, setup.model_cfg, merged, setup.tokenizer, dtype=args.dtype)
+        write_hf_folder(args.out, setup.model_cfg, merged, setup.tokenizer, dtype=args.dtype, head=setup.head)
     print(f"wrote {args.out}")
     return 0
 

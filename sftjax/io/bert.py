@@ -1,5 +1,7 @@
 """HF BERT checkpoints (BertModel, BertFor*) -> `BertConfig` and the lazy param tree of `models/bert.py`.
 
+And back (`bert_config_to_hf`, `bert_params_to_hf`): a tagging run exports as BertForTokenClassification.
+
 `io/hf.py` dispatches here by `model_type` (config) and by config class (weights). BertModel
 checkpoints name tensors `embeddings...`/`encoder...`; the task models (BertForSequenceClassification
 ...) put the same tensors under `bert.`; both are read. The pooler is not used (the task head sits
@@ -16,7 +18,7 @@ import numpy as np
 from sftjax.errors import UserError
 from sftjax.io.lazy import Lazy, Stacked, as_lazy
 from sftjax.models.bert import GELU, BertConfig
-from sftjax.params import unflatten
+from sftjax.params import flatten, unflatten
 
 # Per-layer weights: (HF suffix after `encoder.layer.{i}.`, our path inside `layers`, transpose?)
 _LAYER_MAP = [
@@ -92,3 +94,69 @@ def bert_to_lazy(sd: Mapping[str, Lazy | np.ndarray], cfg: BertConfig, source: s
     if cfg.num_labels and "classifier.weight" in sd and tuple(sd["classifier.weight"].shape)[0] == cfg.num_labels:
         params["classifier"] = {"kernel": take("classifier.weight", True).T, "bias": take("classifier.bias", True)}
     return params
+
+
+# Why a BERT classification run has no merged HF folder (BertForSequenceClassification differs).
+SEQ_CLS_REFUSAL = (
+    "export: a BERT classification head cannot be written as a transformers folder: sftjax's `classifier` "
+    "reads the encoder's [CLS] state (or a mean) directly, while BertForSequenceClassification first passes "
+    "[CLS] through BERT's pooler (dense + tanh), so no weights make the two agree. Use the run itself: "
+    "`sftjax eval --workdir=...` for its scores, or its checkpoint; token classification runs "
+    "(BertForTokenClassification) export fine")
+
+
+def bert_config_to_hf(cfg: BertConfig, head=None) -> dict[str, Any]:
+    """Inverse of `bert_config_from_hf`: BertModel, or BertForTokenClassification with a tagging head
+    (`head`: `data.labels.Head`; a classification head raises `SEQ_CLS_REFUSAL`)."""
+    out = {
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "intermediate_size": cfg.intermediate_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "type_vocab_size": cfg.type_vocab_size,
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "hidden_act": cfg.hidden_act,
+        "pad_token_id": cfg.pad_token_id,
+        "position_embedding_type": "absolute",
+        "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1,
+        "torch_dtype": "float32",
+    }
+    if cfg.num_labels:
+        if head is None or head.kind != "token_classification":
+            raise UserError(SEQ_CLS_REFUSAL)
+        out["architectures"] = ["BertForTokenClassification"]
+        out |= label_maps(head.names)
+    return out
+
+
+def label_maps(names) -> dict[str, Any]:
+    """transformers' num_labels / id2label / label2id for class names (class id i is names[i])."""
+    return {"num_labels": len(names), "id2label": {str(i): n for i, n in enumerate(names)},
+            "label2id": {n: i for i, n in enumerate(names)}}
+
+
+def bert_params_to_hf(params: Mapping, cfg: BertConfig) -> dict[str, np.ndarray]:
+    """Inverse of `bert_to_lazy` (no LoRA leaves: merge them first). With a head the names are
+    BertForTokenClassification's (`bert.` prefix, `classifier.*`), and there is no pooler."""
+    prefix = "bert." if cfg.num_labels else ""
+    emb = params["embeddings"]
+    sd = {"embeddings.word_embeddings.weight": emb["word_embeddings"]["embedding"],
+          "embeddings.position_embeddings.weight": emb["position_embeddings"],
+          "embeddings.token_type_embeddings.weight": emb["token_type_embeddings"],
+          "embeddings.LayerNorm.weight": emb["LayerNorm"]["scale"],
+          "embeddings.LayerNorm.bias": emb["LayerNorm"]["bias"]}
+    flat = flatten(params["layers"])
+    for hf_suffix, path, transpose in _LAYER_MAP:
+        stacked = np.asarray(flat[path])
+        for i in range(cfg.num_hidden_layers):
+            sd[f"encoder.layer.{i}.{hf_suffix}"] = stacked[i].T if transpose else stacked[i]
+    sd = {prefix + k: v for k, v in sd.items()}
+    if cfg.num_labels:
+        sd["classifier.weight"] = np.asarray(params["classifier"]["kernel"]).T
+        sd["classifier.bias"] = params["classifier"]["bias"]
+    return {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in sd.items()}

@@ -79,14 +79,30 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> LlamaC
         raise UserError(f"{source}: missing required field {e.args[0]!r}") from None
 
 
+_TASK_ARCH = {"classification": "SequenceClassification", "token_classification": "TokenClassification"}
+
+
 def _first(x):
     return x[0] if isinstance(x, list) else x
 
 
-def config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
-    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+def config_to_hf(cfg: LlamaConfig, head=None, pad_token_id: int | None = None) -> dict[str, Any]:
+    """transformers config dict: the causal LM, or with a task head (`head`: `data.labels.Head`)
+    {Llama,Qwen2,Mistral}For{Sequence,Token}Classification with its labels. `pad_token_id` (the
+    tokenizer's) replaces the model's: a sequence classifier reads the rightmost token that is not
+    it, which is sftjax's last real token when the text holds no pad token."""
+    from sftjax.models.bert import BertConfig
+
+    if isinstance(cfg, BertConfig):
+        from sftjax.io.bert import bert_config_to_hf
+
+        return bert_config_to_hf(cfg, head) | ({} if pad_token_id is None else {"pad_token_id": pad_token_id})
+    family = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[cfg.model_type]
+    task = "CausalLM" if not cfg.num_labels else _TASK_ARCH[head.kind] if head is not None else None
+    if task is None:
+        raise ValueError("config_to_hf: a config with num_labels > 0 needs its head")
     out = {
-        "architectures": [arch[cfg.model_type]],
+        "architectures": [f"{family}For{task}"],
         "model_type": cfg.model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
@@ -103,9 +119,13 @@ def config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
         "hidden_act": "silu",
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
-        "pad_token_id": cfg.pad_token_id,
+        "pad_token_id": cfg.pad_token_id if pad_token_id is None else pad_token_id,
         "torch_dtype": "float32",
     }
+    if cfg.num_labels:
+        from sftjax.io.bert import label_maps
+
+        out |= label_maps(head.names)
     if cfg.model_type == "llama":
         out["attention_bias"] = cfg.attention_bias
         out["mlp_bias"] = False
@@ -148,8 +168,16 @@ def hf_to_params(sd: Mapping[str, Lazy | np.ndarray], cfg: LlamaConfig, source: 
     return materialise(hf_to_lazy(sd, cfg, source))
 
 
-def params_to_hf(params: Mapping, cfg: LlamaConfig) -> dict[str, np.ndarray]:
-    """Inverse of `hf_to_params` (params must hold no LoRA leaves: merge them first)."""
+def params_to_hf(params: Mapping, cfg: LlamaConfig, head=None) -> dict[str, np.ndarray]:
+    """Inverse of `hf_to_params` (params must hold no LoRA leaves: merge them first). A task head
+    is `score.weight`, plus a zero `score.bias` for token classification: transformers' token
+    classifier has a bias (sftjax's `score` has none), its sequence classifier none."""
+    from sftjax.models.bert import BertConfig
+
+    if isinstance(cfg, BertConfig):
+        from sftjax.io.bert import bert_params_to_hf
+
+        return bert_params_to_hf(params, cfg)
     flat = flatten(params["layers"])
     sd = {"model.embed_tokens.weight": params["embed_tokens"]["embedding"],
           "model.norm.weight": params["norm"]["scale"]}
@@ -159,7 +187,11 @@ def params_to_hf(params: Mapping, cfg: LlamaConfig) -> dict[str, np.ndarray]:
         stacked = np.asarray(flat[path])
         for i in range(cfg.num_hidden_layers):
             sd[f"model.layers.{i}.{hf_suffix}"] = stacked[i].T if transpose else stacked[i]
-    if not cfg.tie_word_embeddings:
+    if cfg.num_labels:
+        sd["score.weight"] = np.asarray(params["score"]["kernel"]).T
+        if head is not None and head.kind == "token_classification":
+            sd["score.bias"] = np.zeros(cfg.num_labels, np.float32)
+    elif not cfg.tie_word_embeddings:
         sd["lm_head.weight"] = np.asarray(params["lm_head"]["kernel"]).T
     return {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in sd.items()}
 
@@ -201,8 +233,10 @@ def read_hf_folder(folder: str) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
 
 
 def write_hf_folder(folder: str, cfg: LlamaConfig, params: Mapping, tokenizer=None, dtype: str = "float32",
-                    max_shard_bytes: int = 2 * 1024**3) -> None:
+                    max_shard_bytes: int = 2 * 1024**3, head=None) -> None:
     """Write config.json, safetensors (sharded with an index past `max_shard_bytes`) and tokenizer.
+    With a task head (`head`, `cfg.num_labels` > 0) the folder is the matching transformers task
+    model (`config_to_hf`), its pad_token_id the tokenizer's.
 
     Writes into a temporary sibling folder and renames it at the end, so a crash never leaves a
     half-written model folder behind.
@@ -212,13 +246,14 @@ def write_hf_folder(folder: str, cfg: LlamaConfig, params: Mapping, tokenizer=No
     import ml_dtypes
     from safetensors.numpy import save_file
 
-    sd = params_to_hf(params, cfg)
+    pad = getattr(tokenizer, "pad_token_id", None) if cfg.num_labels else None
+    hf_cfg = config_to_hf(cfg, head, pad) | {"torch_dtype": dtype}  # first: it refuses what it cannot write
+    sd = params_to_hf(params, cfg, head)
     if dtype == "bfloat16":
         sd = {k: v.astype(ml_dtypes.bfloat16) for k, v in sd.items()}
     tmp = folder.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    hf_cfg = config_to_hf(cfg) | {"torch_dtype": dtype}
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2)
     shards, cur, size = [], {}, 0

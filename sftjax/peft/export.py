@@ -5,6 +5,11 @@ with torch's [out, in] layout: lora_A is [r, in] (our lora_a transposed), lora_B
 DoRA's magnitude is `...q_proj.lora_magnitude_vector` [out]. Per-module ranks go to
 `rank_pattern` with the full module name, which PEFT matches as `(.*\\.)?NAME$`. The same mapping
 read backwards lets a run start from an existing adapter (`lora.init_from`).
+
+A decoder's task head (`score`, trained whole) goes in as PEFT's `modules_to_save`: saved under
+the module's own name (`base_model.model.score.weight`; PEFT adds `modules_to_save.default.` when
+loading), with task_type SEQ_CLS or TOKEN_CLS so `PeftModel.from_pretrained` wraps a
+`*ForSequenceClassification` / `*ForTokenClassification` base.
 """
 
 from __future__ import annotations
@@ -84,19 +89,37 @@ def adapter_config(lora_cfg, adapters: Mapping, num_layers: int, base_model: str
     }
 
 
+_PEFT_TASK = {"classification": "SEQ_CLS", "token_classification": "TOKEN_CLS"}
+
+
 def write_adapter(folder: str, lora_cfg, adapters: Mapping, num_layers: int, base_model: str,
-                  dtype: str = "float32") -> None:
-    """Write a PEFT adapter folder that `peft.PeftModel.from_pretrained(model, folder)` loads."""
+                  dtype: str = "float32", head=None) -> None:
+    """Write a PEFT adapter folder that `peft.PeftModel.from_pretrained(model, folder)` loads.
+
+    With a task head (`head`: `data.labels.Head`; `adapters` then also holds `score/kernel`) the
+    head is a module to save and the base to load it on is the task model with `len(head.names)`
+    labels."""
     import ml_dtypes
     from safetensors.numpy import save_file
 
+    adapters = dict(adapters)
+    score = adapters.pop("score", None) if head is not None else None
+    if head is not None and score is None:
+        raise UserError("export: the task head `score` is not among the trained leaves; --format=peft needs it")
     sd = adapter_state_dict(adapters, num_layers)
+    if score is not None:
+        sd[f"{_PREFIX}score.weight"] = np.ascontiguousarray(np.asarray(score["kernel"], np.float32).T)
+        if head.kind == "token_classification":  # transformers' token classifier has a bias; ours is 0
+            sd[f"{_PREFIX}score.bias"] = np.zeros(len(head.names), np.float32)
+    config = adapter_config(lora_cfg, adapters, num_layers, base_model)
+    if head is not None:
+        config |= {"task_type": _PEFT_TASK[head.kind], "modules_to_save": ["score"]}
     if dtype == "bfloat16":
         sd = {k: v.astype(ml_dtypes.bfloat16) for k, v in sd.items()}
     os.makedirs(folder, exist_ok=True)
     save_file(sd, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-        json.dump(adapter_config(lora_cfg, adapters, num_layers, base_model), f, indent=2)
+        json.dump(config, f, indent=2)
 
 
 def read_adapter(folder: str, lora_cfg, like: Mapping, num_layers: int) -> dict:
