@@ -65,7 +65,8 @@ def test_teacher_and_one_student_on_the_tiny_model(tiny_config, tmp_path):
     c.data.train, c.data.labels = os.path.join(DATA, "classes.jsonl"), ("pos", "neg")
     c.data.max_length = 32
     c.data.eval_fraction = 0.25
-    c.train.steps, c.checkpoint.every = 3, 3
+    c.train.steps, c.checkpoint.every = 2, 2
+    c.data.buckets = 1  # one compile of the step per round
     c.lora.targets = ("all_linear",)
     c.selftrain.labelled, c.selftrain.rounds, c.selftrain.threshold = 0.25, 1, 0.0
     cfg_file = tmp_path / "st.py"

@@ -28,6 +28,7 @@ from sftjax.errors import UserError
 
 log = logging.getLogger("sftjax")
 SUMMARY = "selftrain.json"
+BUCKETS = 3  # length groups the unlabelled pool is predicted in (one per 512 examples, at most)
 
 
 def draw_labelled(records: Sequence[Record], names: Sequence[str], fraction: float,
@@ -116,8 +117,19 @@ def pseudo_label(rcfg, workdir: str, pool: Sequence[Record]):
     kept = set(store.wheres)
     pool = [r for r in pool if r.where in kept]
     examples = pipeline.padded(store, rcfg.data.max_length + 1, setup.tokenizer.pad_token_id)
-    p = predict(setup, make_predict_step(setup.model), examples, trainable, rcfg.train.batch_size)
-    return pool, np.asarray([q[0] for q in p.pred]), np.asarray([c[0] for c in p.conf])
+    step = make_predict_step(setup.model)
+    pred, conf = np.zeros(len(pool), np.int64), np.zeros(len(pool))
+    # Short texts are the many: predicting in BUCKETS groups of similar length, each padded to its
+    # longest, does a fraction of the work of padding all to data.max_length (one compile per group).
+    order = np.argsort(store.lengths, kind="stable")
+    for rows in np.array_split(order, min(BUCKETS, max(1, len(order) // 512))):
+        width = max(int(store.lengths[rows].max()), (examples.head_slots or 0) + 1)
+        part = pipeline.Examples(examples.ids[rows, :width], examples.targets[rows, :width],
+                                 examples.valid[rows, :width], head_slots=examples.head_slots,
+                                 labels=examples.labels[rows, :width])
+        p = predict(setup, step, part, trainable, rcfg.train.batch_size)
+        pred[rows], conf[rows] = [q[0] for q in p.pred], [c[0] for c in p.conf]
+    return pool, pred, conf
 
 
 def selftrain(cfg, workdir: str) -> dict:
