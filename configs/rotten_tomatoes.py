@@ -22,9 +22,9 @@ def get_config():
     c.data.max_eval_examples = 300  # the whole held-out split
     c.lora.enabled = False
     c.optim.lr = 5e-5
-    c.train.steps = 300
+    c.train.steps = 200
     c.train.batch_size = 16
     c.train.log_every = 50
-    c.train.eval_every = 150
-    c.checkpoint.every = 150
+    c.train.eval_every = 100
+    c.checkpoint.every = 100
     return c

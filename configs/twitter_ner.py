@@ -22,11 +22,11 @@ def get_config():
     c.data.max_length = 96
     c.lora.enabled = False
     c.optim.lr = 1e-4
-    c.train.steps = 300
+    c.train.steps = 200
     c.train.batch_size = 16
     c.train.log_every = 50
-    c.train.eval_every = 150
-    c.checkpoint.every = 150
+    c.train.eval_every = 100
+    c.checkpoint.every = 100
     c.checkpoint.best_metric = "f1"
     c.checkpoint.best_mode = "max"
     return c
