@@ -147,7 +147,8 @@ def build(cfg, tokenizer=None) -> Setup:
         base = layout.unstack(base, mcfg.num_hidden_layers)
     trainable, frozen = split(cfg, base, mcfg)
     if head is not None:  # the head always trains, whatever else does
-        trainable = P.merge(trainable, task_head(model.base, base, cfg.train.seed))
+        new = task_head(model.base, base, cfg.train.seed)
+        trainable, base = P.merge(trainable, new), P.merge(base, new)  # the model's total includes its head
     n_train, n_all = P.count(trainable), P.count(base)
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)
     if cfg.model.quantize != "none":
