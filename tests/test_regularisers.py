@@ -73,9 +73,9 @@ def test_fgm_sums_clean_and_adversarial_gradients(tiny_config):
         return jax.value_and_grad(f, has_aux=True)(trainable)
 
     train = jax.tree.map(lambda x: x + 0.01, setup.trainable)  # B != 0 so every gradient is non-zero
-    (l0, n0), g0 = value_and_grad(train, setup.frozen, batch, None)
-    (le, ne), ge = fgm(value_and_grad, 0.0, 64)(train, setup.frozen, batch, None)
-    (l1, n1), g1 = fgm(value_and_grad, 1.0, 64)(train, setup.frozen, batch, None)
+    (l0, n0), g0 = jax.jit(value_and_grad)(train, setup.frozen, batch, None)
+    (le, ne), ge = jax.jit(fgm(value_and_grad, 0.0, 64))(train, setup.frozen, batch, None)
+    (l1, n1), g1 = jax.jit(fgm(value_and_grad, 1.0, 64))(train, setup.frozen, batch, None)
     assert float(le) == float(l0) == float(l1) and float(n1) == float(n0)  # the clean loss is reported
     for k, v in flatten(g0).items():
         # epsilon 0: the adversarial pass equals the clean one, so the sum is exactly twice it.
