@@ -36,6 +36,7 @@ def _job(tiny_model_dir, d):
     c.data.eval_fraction, c.data.max_length, c.mesh.data = 0.0, 64, 1  # no evaluation: the state is the point
     c.train.steps, c.train.batch_size, c.optim.lr, c.optim.warmup_steps = STEPS, 8, 1e-2, 0
     c.lora.dropout = 0.1  # the dropout masks depend on the step: they must line up after a resume
+    c.data.buckets = 1  # one padded batch shape: each process compiles its step once, not once per bucket
     c.checkpoint.every, c.checkpoint.max_to_keep = 1, 3
     cfg_file = d / "cfg.py"
     cfg_file.write_text("from sftjax.config import from_json\n\n\ndef get_config():\n"
@@ -68,10 +69,13 @@ def _assert_equal(got, want):
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
-def test_sigterm_or_kill_9_then_resume_is_bit_identical(tiny_model_dir, tmp_path):
+def test_sigterm_or_kill_9_then_resume_is_bit_identical(tiny_model_dir, tmp_path, monkeypatch):
     """One uninterrupted reference, then (1) SIGTERM after checkpoint 2: the step finishes, is saved,
     exit 0 well within the grace period, and the same command resumes; (2) kill -9 after a random
     checkpoint (2-6), then the same command. Both end with the reference's parameters, bit for bit."""
+    # The five CLI processes compile the same step: the first writes it to a persistent compilation
+    # cache the others load from (the same executable, so the bit-for-bit comparison is unaffected).
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla-cache"))
     cfg, cfg_file, want = _job(tiny_model_dir, tmp_path)
 
     wd = str(tmp_path / "sigterm")
