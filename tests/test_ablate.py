@@ -18,7 +18,7 @@ def test_two_layouts_one_table(tiny_model_dir, tmp_path, capsys):
         "from sftjax.config import base_config\n\n\ndef get_config():\n    c = base_config()\n"
         f"    c.model.path = {tiny_model_dir!r}\n"
         f"    c.data.train = {os.path.join(ROOT, 'tests', 'data', 'chat.jsonl')!r}\n"
-        "    c.data.max_length = 64\n    c.data.max_eval_examples = 2\n    c.train.batch_size = 8\n"
+        "    c.data.max_length = 64\n    c.data.buckets = 1\n    c.data.max_eval_examples = 2\n    c.train.batch_size = 8\n"
         "    c.optim.lr = 1e-2\n    c.optim.warmup_steps = 0\n    return c\n")
     wd = str(tmp_path / "abl")
     rc = main(["ablate", f"--config={cfg}", "--meshes=8,1,1 1,2,4", "--steps=2", f"--workdir={wd}",

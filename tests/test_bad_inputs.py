@@ -28,7 +28,7 @@ REPLY = '{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant",
 def _write_config(path, model_dir: str, extra: str = "") -> str:
     path.write_text(
         "from sftjax.config import base_config\n\n\ndef get_config():\n    c = base_config()\n"
-        f"    c.model.path = {model_dir!r}\n    c.data.train = {CHAT!r}\n    c.data.max_length = 64\n"
+        f"    c.model.path = {model_dir!r}\n    c.data.train = {CHAT!r}\n    c.data.max_length = 64\n    c.data.buckets = 1\n"
         "    c.data.eval_fraction = 0.0\n    c.train.steps = 1\n    c.train.batch_size = 8\n"
         "    c.optim.warmup_steps = 0\n    c.checkpoint.every = 1\n    c.mesh.data = 1\n" + extra + "    return c\n")
     return str(path)

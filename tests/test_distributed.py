@@ -32,7 +32,7 @@ def _config_file(tmp_path, model_dir, steps=3):
         "from sftjax.config import base_config\n\n\ndef get_config():\n    c = base_config()\n"
         f"    c.model.path = {model_dir!r}\n"
         f"    c.data.train = {os.path.join(ROOT, 'tests', 'data', 'chat.jsonl')!r}\n"
-        f"    c.data.max_length = 64\n    c.train.steps = {steps}\n    c.train.batch_size = 8\n"
+        f"    c.data.max_length = 64\n    c.data.buckets = 1\n    c.train.steps = {steps}\n    c.train.batch_size = 8\n"
         "    c.data.num_shards = 2\n    c.optim.lr = 1e-2\n    c.optim.warmup_steps = 0\n    c.checkpoint.every = 3\n    return c\n")
     return cfg_file
 

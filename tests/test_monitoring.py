@@ -37,6 +37,7 @@ def get_config():
     c.data.mixture = (({os.path.join(data, "chat.jsonl")!r}, 0.75),
                       ({os.path.join(data, "formats", "sharegpt.jsonl")!r}, 0.25))
     c.data.eval_fraction, c.data.max_length = 0.2, 64
+    c.data.buckets = 1
     c.train.steps, c.train.batch_size, c.train.log_every, c.train.eval_every = 2, 8, 1, 1
     c.train.sample_prompts, c.train.sample_max_new_tokens = ("hi",), 2
     c.checkpoint.best_metric, c.mesh.data = "loss", 1

@@ -198,7 +198,7 @@ def test_training_run_makes_no_network_connection(tiny_model_dir, tmp_path):
     (hook / "sitecustomize.py").write_text(NET_HOOK)
     cfg = tmp_path / "c.py"
     cfg.write_text("from sftjax.config import base_config\n\n\ndef get_config():\n    c = base_config()\n"
-                   f"    c.model.path = {tiny_model_dir!r}\n    c.data.train = {CHAT!r}\n    c.data.max_length = 64\n"
+                   f"    c.model.path = {tiny_model_dir!r}\n    c.data.train = {CHAT!r}\n    c.data.max_length = 64\n    c.data.buckets = 1\n"
                    "    c.data.eval_fraction = 0.0\n    c.train.steps = 1\n    c.train.batch_size = 8\n"
                    "    c.optim.warmup_steps = 0\n    c.checkpoint.every = 1\n    c.mesh.data = 1\n    return c\n")
     drop = {"XLA_FLAGS", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "no_proxy", "NO_PROXY"}
