@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
 
 import grain
@@ -64,3 +65,16 @@ class CountingModel:
     def apply(self, *args, **kwargs):
         self.traces += 1
         return self.model.apply(*args, **kwargs)
+
+
+def task_config(c, kind: str):
+    """`c` (a tiny config) set up for a task head on the toy data: classification of
+    tests/data/classes.jsonl (pos / neg) or tagging of tests/data/ner.jsonl (PER, LOC)."""
+    data = os.path.join(os.path.dirname(__file__), "data")
+    c.task.type = kind
+    if kind == "classification":
+        c.data.train, c.data.labels = os.path.join(data, "classes.jsonl"), ("pos", "neg")
+    else:
+        c.data.train, c.data.labels = os.path.join(data, "ner.jsonl"), ("PER", "LOC")
+    c.data.max_length = 32
+    return c

@@ -9,23 +9,13 @@ import os
 import jax
 import numpy as np
 import pytest
+from helpers import task_config
 
 from sftjax import params as P
 from sftjax.errors import UserError
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
 TEXTS = ["small in a places was story wonderful", "terrible", "with the story places and people terrible days"]
 WORDS = [["yesterday", "Bob", "flew", "to", "Berlin"], ["Carol", "Smith", "lives", "in", "Rome", "again"], ["Bob"]]
-
-
-def _task(c, kind: str):
-    c.task.type = kind
-    if kind == "classification":
-        c.data.train, c.data.labels = os.path.join(DATA, "classes.jsonl"), ("pos", "neg")
-    else:
-        c.data.train, c.data.labels = os.path.join(DATA, "ner.jsonl"), ("PER", "LOC")
-    c.data.max_length = 32
-    return c
 
 
 def _trained_looking(setup, seed=0):
@@ -71,7 +61,7 @@ def test_llama_task_head_exports_to_transformers_task_model(tiny_config, tmp_pat
     from sftjax.build import build
     from sftjax.io.hf import write_hf_folder
 
-    setup = build(_task(tiny_config, kind))
+    setup = build(task_config(tiny_config, kind))
     trainable = _trained_looking(setup)
     out = str(tmp_path / "merged")
     write_hf_folder(out, setup.model_cfg, jax.tree.map(np.asarray, setup.merged_params(trainable)),
@@ -101,7 +91,7 @@ def test_llama_task_head_peft_adapter_saves_the_head(tiny_config, tmp_path, kind
     from sftjax.build import build
     from sftjax.peft.export import write_adapter
 
-    c = _task(tiny_config, kind)
+    c = task_config(tiny_config, kind)
     setup = build(c)
     trainable = _trained_looking(setup, seed=1)
     out = str(tmp_path / "adapter")
@@ -130,7 +120,7 @@ def test_llama_task_head_peft_adapter_saves_the_head(tiny_config, tmp_path, kind
 def _encoder_config(kind: str):
     from sftjax.config import base_config
 
-    c = _task(base_config(), kind)
+    c = task_config(base_config(), kind)
     c.model.path = "all-minilm-l6-v2"
     c.lora.enabled = False
     c.mesh.data = 1

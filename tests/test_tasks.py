@@ -6,23 +6,12 @@ import os
 
 import numpy as np
 import pytest
+from helpers import task_config
 
 from sftjax.config import validate
 from sftjax.data import labels as L
 from sftjax.data.records import Record
 from sftjax.errors import UserError
-
-DATA = os.path.join(os.path.dirname(__file__), "data")
-
-
-def _task(c, kind: str):
-    c.task.type = kind
-    if kind == "classification":
-        c.data.train, c.data.labels = os.path.join(DATA, "classes.jsonl"), ("pos", "neg")
-    else:
-        c.data.train, c.data.labels = os.path.join(DATA, "ner.jsonl"), ("PER", "LOC")
-    c.data.max_length = 32
-    return c
 
 
 def test_class_label_sits_on_the_last_token_of_a_decoder_and_on_cls_of_an_encoder(smol_tokenizer):
@@ -89,7 +78,7 @@ def test_balanced_class_weights():
 def test_decoder_head_reads_the_last_real_token_whatever_the_padding(tiny_config):
     from sftjax.build import build
 
-    setup = build(_task(tiny_config, "classification"))
+    setup = build(task_config(tiny_config, "classification"))
     assert "score" in setup.trainable and "lm_head" not in setup.full_params()
     params, model = setup.full_params(), setup.model
     toks = np.array([5, 17, 923, 44, 8], np.int32)
@@ -114,7 +103,7 @@ def test_a_short_run_learns_the_task_and_leaves_the_base_untouched(tiny_config, 
     from sftjax.train.checkpoint import trainable_at
     from sftjax.train.loop import run
 
-    c = _task(tiny_config, kind)
+    c = task_config(tiny_config, kind)
     c.task.balance_classes = True
     c.data.eval_fraction = 0.25
     c.train.steps, c.train.eval_every, c.checkpoint.every = 30, 30, 30
@@ -157,7 +146,7 @@ def test_lora_presets_and_layer_freezing_reach_the_encoder(tiny_config):
     train.freeze=last_layers trains the last layers and the classifier only."""
     from sftjax.build import build
 
-    c = _task(tiny_config, "classification")
+    c = task_config(tiny_config, "classification")
     c.model.path = "all-minilm-l6-v2"
     c.lora.targets = ("qv",)
     setup = build(c)
