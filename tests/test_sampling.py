@@ -104,6 +104,19 @@ def test_generate_prompts_file_writes_each_line_plus_output(tiny_config, tmp_pat
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [1, 2] and all(isinstance(r["output"], str) for r in rows)
     assert rows[1]["messages"][0]["content"] == "Name a colour."
+    # `sftjax eval` on the same run: greedy replies to held-out conversations scored against their
+    # references (ROUGE-L, BLEU), and general data's perplexity under the base and the tuned model.
+    from sftjax.scores.text import text_scores
+
+    chat = tiny_config.data.train
+    assert main(["eval", f"--workdir={wd}", "--generate=3", "--max-new-tokens=4", f"--forgetting={chat}"]) == 0
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    g, f = ev["generation"], ev["forgetting"]
+    assert 1 <= g["examples"] <= 3 and len(g["samples"]) == g["examples"]
+    again = text_scores([x["output"] for x in g["samples"]], [x["reference"] for x in g["samples"]])
+    assert (again["rouge_l"], again["bleu"]) == (g["rouge_l"], g["bleu"])
+    assert f["source"] == chat and f["base_perplexity"] != f["tuned_perplexity"]
+    assert "ROUGE-L" in capsys.readouterr().out
 
 
 def test_chat_keeps_the_history_until_exit(tiny_config):

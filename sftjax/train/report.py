@@ -45,7 +45,7 @@ def report(cfg, setup, data, trainable, step: int, writer, generate: int, max_ne
     if data.forgetting is not None:
         base = evaluate(setup, eval_step, data.forgetting, setup.trainable, batch)["perplexity"]
         tuned = evaluate(setup, eval_step, data.forgetting, trainable, batch)["perplexity"]
-        out["general_perplexity"] = {"source": cfg.data.forgetting, "base": base, "tuned": tuned}
+        out["forgetting"] = {"source": cfg.data.forgetting, "base_perplexity": base, "tuned_perplexity": tuned}
         lines.append(f"general data {cfg.data.forgetting}: perplexity {base:.2f} (base) -> {tuned:.2f} (tuned)")
     writer.scalars(step, {k: v for k, v in out.items() if isinstance(v, float)}, prefix="eval/")
     lines.insert(0, eval_line(f"at checkpoint step {step}", out))
