@@ -86,7 +86,7 @@ def base_config() -> ConfigDict:
         seed=0,
         # A general-data source (e.g. recipe:chitchat) whose perplexity is measured at every
         # evaluation, before and after training, to see how much the model forgot ("": off).
-        # Its held-out split (a recipe's) or its first data.max_eval_examples records are used.
+        # The first 256 records of its held-out split (a recipe's) or of the source are used.
         forgetting="",
     )
     # What is trained: causal_lm (next-token loss on the targets, e.g. assistant replies) |

@@ -25,6 +25,7 @@ from sftjax.data.tokens import StoreBuilder, TokenStore, encode_records, feature
 from sftjax.errors import UserError
 
 log = logging.getLogger("sftjax")
+FORGETTING_EXAMPLES = 256  # general-data records measured by data.forgetting
 
 
 @dataclass
@@ -178,13 +179,14 @@ def load(cfg, tokenizer, head=None) -> Prepared:
 
 
 def general(cfg, tokenizer, head=None) -> Examples | None:
-    """data.forgetting's held-out examples (a recipe's split, else the source's first
-    data.max_eval_examples records), as next-token examples; None when unset or with a task head
-    (which has no language-model head to measure)."""
+    """data.forgetting's held-out examples (the first FORGETTING_EXAMPLES of a recipe's split, else
+    of the source's records), as next-token examples; None when unset or with a task head (which has
+    no language-model head to measure). A fixed count, so runs with different data.max_eval_examples
+    measure the same conversations (at the same data.max_length)."""
     d = cfg.data
     if not d.forgetting or head is not None:
         return None
     recs, held = read(d.forgetting, d)
-    recs = held if held else list(itertools.islice(recs, d.max_eval_examples))
-    store, _ = encode_records(recs[: d.max_eval_examples], tokenizer, d, f"data.forgetting {d.forgetting}")
+    recs = held if held else list(itertools.islice(recs, FORGETTING_EXAMPLES))
+    store, _ = encode_records(recs[:FORGETTING_EXAMPLES], tokenizer, d, f"data.forgetting {d.forgetting}")
     return padded(store, d.max_length + 1, tokenizer.pad_token_id)
