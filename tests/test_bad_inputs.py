@@ -205,7 +205,8 @@ def test_unknown_key_in_config_file(trained, tmp_path, tiny_model_dir):
 
 def test_wrong_type_in_config_file(trained, tmp_path, tiny_model_dir):
     cfg = _write_config(tmp_path / "typed.py", tiny_model_dir, "    c.optim.lr = 'fast'\n")
-    msg = _train_fails(trained, tmp_path, f"{cfg}:15: TypeError", config=cfg)
+    line = 1 + open(cfg).read().splitlines().index("    c.optim.lr = 'fast'")  # the config file's own line
+    msg = _train_fails(trained, tmp_path, f"{cfg}:{line}: TypeError", config=cfg)
     assert "'lr'" in msg
 
 
