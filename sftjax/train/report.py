@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-from sftjax.errors import UserError
 from sftjax.scores.classes import confusion_image, confusion_text, report_text
 from sftjax.scores.text import text_scores
 from sftjax.train.evaluate import evaluate, prompts_and_replies, samples
@@ -38,10 +37,13 @@ def report(cfg, setup, data, trainable, step: int, writer, generate: int, max_ne
             out["per_type"] = s["per_type"]
             lines.append(s["report"])
     elif generate > 0:
-        out["generation"] = generation_scores(setup, trainable, data.eval_records[:generate], max_new_tokens)
-        g = out["generation"]
-        lines.append(f"generation ({g['examples']} held-out replies, greedy, up to {max_new_tokens} tokens): "
-                     f"ROUGE-L {g['rouge_l']:.4f}, BLEU {g['bleu']:.2f}, exact match {g['exact_match']:.1%}")
+        g = generation_scores(setup, trainable, data.eval_records[:generate], max_new_tokens)
+        if g is None:  # e.g. plain-text data: nothing to compare a reply with
+            lines.append("generation: not scored (the held-out records have no assistant reply)")
+        else:
+            out["generation"] = g
+            lines.append(f"generation ({g['examples']} held-out replies, greedy, up to {max_new_tokens} tokens): "
+                         f"ROUGE-L {g['rouge_l']:.4f}, BLEU {g['bleu']:.2f}, exact match {g['exact_match']:.1%}")
     if data.forgetting is not None:
         base = evaluate(setup, eval_step, data.forgetting, setup.trainable, batch)["perplexity"]
         tuned = evaluate(setup, eval_step, data.forgetting, trainable, batch)["perplexity"]
@@ -52,11 +54,12 @@ def report(cfg, setup, data, trainable, step: int, writer, generate: int, max_ne
     return out, "\n".join(lines)
 
 
-def generation_scores(setup, trainable, records, max_new_tokens: int) -> dict:
-    """Greedy replies to `records` cut before their last assistant turn, scored against that turn."""
+def generation_scores(setup, trainable, records, max_new_tokens: int) -> dict | None:
+    """Greedy replies to `records` cut before their last assistant turn, scored against that turn
+    (None when no record has an assistant turn)."""
     pairs = prompts_and_replies(records)
     if not pairs:
-        raise UserError("--generate: the held-out records have no assistant reply to compare generations with")
+        return None
     convs, refs = [c for c, _ in pairs], [r for _, r in pairs]
     preds = samples(setup, trainable, convs, max_new_tokens)
     out = {**text_scores(preds, refs), "examples": len(pairs)}
