@@ -145,8 +145,20 @@ class Stacked(Lazy):
             if not wanted:
                 continue
             for k, x in zip(wanted, part.read_many([indices[k][1:] for k in wanted]), strict=True):
-                outs[k][layer - indices[k][0].start] = x
+                copy(outs[k][layer - indices[k][0].start], x)
         return outs
+
+
+def copy(dst: np.ndarray, src: np.ndarray, rows: int = 512, cols: int = 64) -> None:
+    """`dst[...] = src`; a transposed 2-D `src` (a `Transposed` read: every HF kernel) is copied in
+    tiles of `rows` x `cols`, so both sides of each tile stay in cache: numpy's one strided copy
+    of a whole transposed matrix was 2-3x slower (measured on a 4864 x 896 kernel)."""
+    if src.ndim != 2 or src.flags.c_contiguous or not src.flags.f_contiguous:
+        dst[...] = src
+        return
+    for i in range(0, src.shape[0], rows):
+        for j in range(0, src.shape[1], cols):
+            dst[i:i + rows, j:j + cols] = src[i:i + rows, j:j + cols]
 
 
 class SafetensorsTensor(Lazy):

@@ -68,24 +68,33 @@ def load_tokenizer(path: str):
     """Only the tokenizer (and chat template) of a model: no weights are read."""
     kind, path = resolve(path)
     if kind == "gguf":
-        from sftjax.io.gguf_file import open_gguf, tokenizer_from_gguf
+        from sftjax.io.gguf_file import open_gguf
 
-        tok = tokenizer_from_gguf(open_gguf(path), path)
-    else:
-        from transformers import AutoTokenizer
+        return _gguf_tokenizer(open_gguf(path), path)
+    from transformers import AutoTokenizer
 
-        if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-            raise UserError(f"model.path: {path} has no tokenizer (tokenizer.json); training needs a full HF model "
-                            "folder (a config.json alone is enough for `sftjax plan`)")
-        try:  # never code from the folder (auto_map): False also skips transformers' interactive prompt
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-        except ValueError as e:
-            if "trust_remote_code" not in str(e):
-                raise
-            raise UserError(f"model.path: {path}'s tokenizer needs custom code (auto_map in tokenizer_config.json "
-                            "or config.json), and sftjax never runs code from a model folder; set tokenizer_class "
-                            "in tokenizer_config.json to a transformers tokenizer") from None
-        _check_vocab(tok, path)
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise UserError(f"model.path: {path} has no tokenizer (tokenizer.json); training needs a full HF model "
+                        "folder (a config.json alone is enough for `sftjax plan`)")
+    try:  # never code from the folder (auto_map): False also skips transformers' interactive prompt
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise UserError(f"model.path: {path}'s tokenizer needs custom code (auto_map in tokenizer_config.json "
+                        "or config.json), and sftjax never runs code from a model folder; set tokenizer_class "
+                        "in tokenizer_config.json to a transformers tokenizer") from None
+    _check_vocab(tok, path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _gguf_tokenizer(reader, path: str):
+    """`load_tokenizer` for a GGUF file already open (`reader`): its metadata is parsed once."""
+    from sftjax.io.gguf_file import tokenizer_from_gguf
+
+    tok = tokenizer_from_gguf(reader, path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -115,12 +124,14 @@ def open_pretrained(path: str, tokenizer=None):
     from sftjax.io.hf import hf_to_lazy, open_folder
 
     kind, file = resolve(path)
-    if kind == "gguf":
-        from sftjax.io.gguf_file import open_model
+    if kind == "gguf":  # one reader for the weights and the tokenizer: parsing the metadata is not free
+        from sftjax.io.gguf_file import open_gguf, open_model
 
-        cfg, sd = open_model(file)
-    else:
-        cfg, sd = open_folder(file)
+        reader = open_gguf(file)
+        cfg, sd = open_model(file, reader)
+        tok = tokenizer if tokenizer is not None else _gguf_tokenizer(reader, file)
+        return cfg, hf_to_lazy(sd, cfg, file), tok
+    cfg, sd = open_folder(file)
     return cfg, hf_to_lazy(sd, cfg, file), tokenizer if tokenizer is not None else load_tokenizer(file)
 
 
