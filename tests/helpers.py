@@ -62,8 +62,13 @@ class CountingModel:
     def cfg(self):
         return self.model.cfg
 
+    @property
+    def base(self):
+        return self.model.base
+
     def apply(self, *args, **kwargs):
-        self.traces += 1
+        if kwargs.get("features") is None:  # the chunked loss's head calls are part of the same trace
+            self.traces += 1
         return self.model.apply(*args, **kwargs)
 
 

@@ -153,6 +153,11 @@ class Llama(nn.Module):
     are [B, K, vocab]: when few tokens are targets (short replies to long prompts) this skips most
     of the head's cost, which for small models is a large share of the whole step.
 
+    The call splits in two for a loss that never holds all logits at once (`train/loss.py`):
+    `features_only=True` returns the final hidden states [B, T, hidden] (after the head-position
+    gather, before the final norm), and `features=` runs only the norm and the head on such states
+    (`input_ids` is then ignored). Both run through the same modules, so hooks apply to each part.
+
     With a `cache` (from `init_cache`) the call is one decoding step: `input_ids` occupy cache
     slots `cache_index ..`, `valid` [B, S] marks which of the S slots hold real tokens (prompt
     padding does not), `positions` must be given, and the result is (logits, updated cache).
@@ -164,19 +169,25 @@ class Llama(nn.Module):
     @nn.compact
     def __call__(self, input_ids: jax.Array, valid: jax.Array | None = None, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, head_positions: jax.Array | None = None,
-                 cache: dict | None = None, cache_index: jax.Array | None = None):
+                 cache: dict | None = None, cache_index: jax.Array | None = None, *,
+                 features_only: bool = False, features: jax.Array | None = None):
         cfg, rt = self.cfg, self.rt
-        b, t = input_ids.shape
-        if valid is None:
-            valid = jnp.ones((b, t), bool)
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        mask = attention_mask(valid, segment_ids) if cache is None else cache_mask(valid, t, cache_index)
         embed = Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")
-        x = embed(input_ids).astype(rt.dtype)
-        x, cache = self.decoder(x, positions, mask, cache, cache_index)
-        if head_positions is not None:
-            x = jnp.take_along_axis(x, head_positions[..., None], axis=1)
+        if features is not None:
+            x = features
+        else:
+            b, t = input_ids.shape
+            if valid is None:
+                valid = jnp.ones((b, t), bool)
+            if positions is None:
+                positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+            mask = attention_mask(valid, segment_ids) if cache is None else cache_mask(valid, t, cache_index)
+            x = embed(input_ids).astype(rt.dtype)
+            x, cache = self.decoder(x, positions, mask, cache, cache_index)
+            if head_positions is not None:
+                x = jnp.take_along_axis(x, head_positions[..., None], axis=1)
+            if features_only:
+                return x
         x = RMSNorm(cfg.rms_norm_eps, rt.dtype, name="norm")(x)
         if cfg.num_labels:
             logits = Dense(cfg.num_labels, ("embed", "classes"), False, rt.dtype, name="score")(x)

@@ -40,7 +40,8 @@ below it) keeps per token, by `model.remat`:
 
 Outside the layers: the embeddings' output and the final norm's input and output (4d float32).
 Plus the larger of two working sets: the head's (logits, their exponentials and their gradient,
-one more copy when the head trains: (3 or 4) V float32; the attention mask broadcast over heads,
+one more copy when the head trains: (4 or 5) V float32 per token of one chunk of the chunked
+loss, `train.loss.chunk_size`, plus the hidden-state gradient, d float32 per token; the attention mask broadcast over heads,
 H T (1 + 4)) and, with remat, one layer's backward (what `none` keeps minus what the policy kept,
 recomputed, and the gradient of the attention probabilities, 4 H T). Measured limit: a bfloat16
 step compiled for CPU keeps more temporaries than the same float32 step, so on CPU the comparison
@@ -69,6 +70,7 @@ from sftjax.models.layout import STACKED, UNROLLED
 from sftjax.models.llama import LlamaConfig
 from sftjax.parallel.flops import backward_rule
 from sftjax.parallel.mesh import mesh_sizes
+from sftjax.train.loss import chunk_size
 
 GiB = 1024**3
 PARTS = ("frozen", "trainable", "gradients", "optimizer", "weights_in_use", "activations", "batch")
@@ -274,7 +276,10 @@ def activation_bytes(cfg, mcfg: LlamaConfig, trainable: dict, sizes: dict, rules
     kept = sum(none_set(modules[i]) if policy == "none" else policy_set(modules[i]) for i in layers)
     host = sum(dots_set(modules[i]) for i in layers) if policy == "offload" else 0.0
     head_trained = "lm_head/kernel" in flat or (mcfg.tie_word_embeddings and "embed_tokens/embedding" in flat)
-    head = (3 + head_trained) * vocab * share(vocab, "vocab") * 4 + heads * keys * 5
+    # The chunked loss (train/loss.py) holds one chunk's logits, exponentials, their gradient and
+    # the scatter's copy (one more when the head trains), and the hidden-state gradient of every token.
+    chunk = chunk_size(micro * cfg.data.max_length, vocab) / _split_size(rules, sizes, "batch")
+    head = (4 + head_trained) * vocab * share(vocab, "vocab") * 4 * min(chunk, tokens) / tokens + d * 4 + heads * keys * 5
     # With remat, the backward pass of one layer at a time recomputes what the policy did not keep
     # and holds the gradient of its attention probabilities (float32).
     recompute = 0.0 if policy == "none" else max(

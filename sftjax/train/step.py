@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from sftjax.models.llama import Llama
 from sftjax.params import merge
+from sftjax.train.loss import head_loss, head_subtree
 from sftjax.train.optim import make_optimizer
 from sftjax.train.regularisers import fgm
 
@@ -58,15 +60,23 @@ def token_stats(model, trainable, frozen, batch, rng=None, num_sources: int = 1)
 
     Packed rows carry `segment_ids` and per-segment `position_ids`: attention stays inside each
     example and positions restart, so a packed example computes what it would alone."""
-    logits = model.apply(merge(frozen, trainable), batch["input_ids"], batch["valid"],
-                         positions=batch.get("position_ids"), segment_ids=batch.get("segment_ids"),
-                         head_positions=batch.get("head_positions"), rngs=None if rng is None else {"dropout": rng})
+    args = dict(positions=batch.get("position_ids"), segment_ids=batch.get("segment_ids"),
+                head_positions=batch.get("head_positions"), rngs=None if rng is None else {"dropout": rng})
     labels, w = batch["labels"], batch["weights"]
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    nll = (logz - picked) * w
-    hit = (jnp.argmax(logits, -1) == labels) | (w == 0)
-    out = {"loss_sum": nll.sum(), "tokens": w.sum(), "correct": (hit * w).sum(),
+    if isinstance(getattr(model, "base", None), Llama) and not model.cfg.num_labels:  # a vocabulary head: chunked (train/loss.py)
+        h = model.apply(merge(frozen, trainable), batch["input_ids"], batch["valid"], features_only=True, **args)
+        head = lambda params, x: model.apply(params, None, features=x, rngs=args["rngs"])  # noqa: E731
+        loss_sum, nll, hit = head_loss(head, h.reshape(-1, h.shape[-1]), head_subtree(trainable),
+                                       head_subtree(frozen), labels.reshape(-1), w.reshape(-1))
+        nll, hit = nll.reshape(labels.shape) * w, hit.reshape(labels.shape)
+    else:
+        logits = model.apply(merge(frozen, trainable), batch["input_ids"], batch["valid"], **args)
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+        nll = (logz - picked) * w
+        loss_sum, hit = nll.sum(), jnp.argmax(logits, -1) == labels
+    hit = hit | (w == 0)
+    out = {"loss_sum": loss_sum, "tokens": w.sum(), "correct": (hit * w).sum(),
            "exact": (hit.all(-1) & (w.sum(-1) > 0)).sum(), "rows": (w.sum(-1) > 0).sum()}
     if num_sources > 1 and "source" in batch:
         src = batch["source"].reshape(-1)

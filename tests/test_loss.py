@@ -1,0 +1,66 @@
+"""The chunked vocabulary-head loss (train/loss.py) equals the plain one: loss, per-token NLL and
+hits, and gradients, for adapters (frozen head), full fine-tuning (trainable head), tied
+embeddings (the head's gradient adds to the input embedding's) and several chunks with padding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import first_batch
+
+from sftjax.build import build
+from sftjax.models.llama import Llama, LlamaConfig
+from sftjax.params import merge
+from sftjax.peft.adapted import Adapted
+from sftjax.train import loss as loss_mod
+from sftjax.train.step import token_stats
+
+
+def _plain(model, trainable, frozen, batch):
+    """Reference: all logits at once."""
+    logits = model.apply(merge(frozen, trainable), batch["input_ids"], batch["valid"],
+                         head_positions=batch.get("head_positions"))
+    logz = jax.nn.logsumexp(logits, -1)
+    picked = jnp.take_along_axis(logits, batch["labels"][..., None], -1)[..., 0]
+    return ((logz - picked) * batch["weights"]).sum(), (jnp.argmax(logits, -1) == batch["labels"])
+
+
+def _compare(model, trainable, frozen, batch, monkeypatch):
+    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 7 * model.cfg.vocab_size)  # chunks of 4 tokens + padding
+    ref, ref_grad = jax.value_and_grad(lambda t: _plain(model, t, frozen, batch)[0])(trainable)
+    got, grad = jax.value_and_grad(lambda t: token_stats(model, t, frozen, batch)["loss_sum"])(trainable)
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    stats = token_stats(model, trainable, frozen, batch)
+    hit = _plain(model, trainable, frozen, batch)[1] | (batch["weights"] == 0)
+    assert float(stats["correct"]) == float((hit * batch["weights"]).sum())
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grad), jax.tree.leaves(ref_grad), strict=True):
+        scale = float(jnp.abs(r).max()) + 1e-12
+        assert float(jnp.abs(g - r).max()) <= 1e-4 * scale, jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_chunked_loss_equals_plain(tiny_config, method, monkeypatch):
+    tiny_config.lora.enabled = method == "lora"
+    setup = build(tiny_config)
+    batch = {k: jnp.asarray(v) for k, v in first_batch(setup, tiny_config).items()}
+    assert ("lm_head" in setup.trainable) == (method == "full")
+    _compare(setup.model, setup.trainable, setup.frozen, batch, monkeypatch)
+
+
+def test_chunked_loss_tied_head_and_head_positions(monkeypatch):
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    params = Llama(cfg).init(jax.random.key(0), np.zeros((1, 4), np.int32))["params"]
+    params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 97, (3, 12)).astype(np.int32)
+    batch = {"input_ids": ids, "valid": np.ones((3, 12), bool), "labels": rng.integers(0, 97, (3, 5)).astype(np.int32),
+             "weights": (rng.random((3, 5)) > 0.3).astype(np.float32),
+             "head_positions": np.sort(rng.integers(0, 12, (3, 5)), -1).astype(np.int32)}
+    _compare(Adapted(Llama(cfg)), params, {}, batch, monkeypatch)
+
+
+def test_chunk_size_is_bounded():
+    assert loss_mod.chunk_size(2048, 49152) == 256  # 256 x 49,152 float32 logits = 48 MiB
+    assert loss_mod.chunk_size(10, 49152) == 16
+    assert loss_mod.chunk_size(2048, 152064) == 64
