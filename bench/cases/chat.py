@@ -86,7 +86,7 @@ def summary(timed: list[dict], secs: float, steps: int) -> dict:
     """Rates over the timed pass, from its batches' examples."""
     exs = [e for b in timed for e in examples(b)]
     useful = sum(int(m.sum()) for _, m in exs)
-    return {"useful_tokens_per_s": useful / secs, "examples_per_s": len(exs) / secs, "pass_s": secs,
+    return {"useful_tokens_per_s": useful / secs, "examples_per_min": 60 * len(exs) / secs, "pass_s": secs,
             "step_s": secs / steps, "examples": len(exs), "useful_tokens": useful}
 
 
@@ -197,7 +197,7 @@ def torch_side(a) -> dict:
 
 
 MEASURES = (Measure("useful_tokens_per_s", "target tokens/s", "rate"),
-            Measure("examples_per_s", "examples/s", "rate"),
+            Measure("examples_per_min", "examples/min", "rate"),
             Measure("pass_s", "timed pass (same examples)", "time", "s"),
             Measure("step_s", "s/step (packed vs padded)", "time", "s"),
             Measure("padded_tokens", "tokens computed incl. pad", "time"),
