@@ -2,9 +2,12 @@
 
 Prompts are left-padded to a common length (a multiple of 8) so every row writes its next token
 into the same cache slot; padding slots are masked out and positions count real tokens only, so a
-padded row decodes exactly as it would alone. Two compiled shapes per (batch, prompt length,
-max_new_tokens): the prompt (prefill) and one token. The jitted function belongs to a `Generator`
-kept per model, so repeated calls (samples at every evaluation, `sftjax generate`) compile nothing.
+padded row decodes exactly as it would alone. Without a `done` callback the prompt (prefill) and
+every later token run in one compiled `while_loop` that ends when every row has produced EOS, so
+no token waits on the host; with one (stop strings), the host drives two compiled shapes per
+(batch, prompt length, max_new_tokens), the prompt and one token, the cache donated between them.
+The jitted functions belong to a `Generator` kept per model, so repeated calls (samples at every
+evaluation, `sftjax generate`) compile nothing.
 The sampling settings (temperature, top-k, top-p, seed; see sample.py) enter the step as traced
 scalars, so changing them compiles nothing either. A row stops at EOS or when `done` says so
 (`chat` uses it for stop strings); the batch stops when every row has.
@@ -31,7 +34,8 @@ class Generator:
     def __init__(self, model):
         self._model = weakref.ref(model)  # the registry is keyed by the model: no strong cycle back to it
         self.traces = 0  # how many times the decoding step was traced (compiled), for tests and logs
-        self._step = jax.jit(self._decode)
+        self._step = jax.jit(self._decode, donate_argnums=4)  # the cache is updated in place
+        self._loop = jax.jit(self._decode_all)
 
     @property
     def model(self):
@@ -43,6 +47,28 @@ class Generator:
         logits, cache = self.model.apply(params, ids, valid, positions, cache=cache, cache_index=index,
                                          head_positions=last)
         return pick(logits[:, -1], *settings, step), cache
+
+    def _decode_all(self, params, ids, valid, positions, cache, settings, eos):
+        """The prompt, then one token at a time until every row has produced `eos` or the
+        buffer is full, in one compiled loop: no host round trip per token. ([B, N] tokens, the
+        number of steps taken); a row's tokens after its first `eos` are to be dropped."""
+        b, p_len = ids.shape
+        tok, cache = self._decode(params, ids, valid, positions, cache, jnp.int32(0), settings, jnp.int32(0))
+        out = jnp.zeros((b, valid.shape[1] - p_len), jnp.int32).at[:, 0].set(tok)
+
+        def more(carry):
+            n, _, out, done, _, _ = carry
+            return (n < out.shape[1]) & ~done.all()
+
+        def step(carry):
+            n, tok, out, done, valid, cache = carry
+            valid = jax.lax.dynamic_update_slice(valid, jnp.ones((b, 1), bool), (0, p_len + n - 1))
+            tok, cache = self._decode(params, tok[:, None], valid, positions[:, -1:] + n, cache, p_len + n - 1,
+                                      settings, n)
+            return n + 1, tok, out.at[:, n].set(tok), done | (tok == eos), valid, cache
+
+        n, _, out, _, _, _ = jax.lax.while_loop(more, step, (jnp.int32(1), tok, out, tok == eos, valid, cache))
+        return out, n
 
     def generate(self, params, prompts: list[np.ndarray], max_new_tokens: int, eos_id: int | None,
                  pad_id: int = 0, sampling: Sampling | None = None,
@@ -63,6 +89,12 @@ class Generator:
             valid[i, p_len - len(p): p_len] = True
         positions = np.maximum(np.cumsum(valid[:, :p_len], axis=1) - 1, 0).astype(np.int32)
         params = self.model.prepare(params)  # e.g. a prompt's keys/values, once instead of every token
+        if done is None:  # nothing to ask the host between tokens: the whole loop runs compiled
+            toks, n = self._loop(params, ids, valid, positions, init_cache(self.model.cfg, b, valid.shape[1]),
+                                 settings, jnp.int32(-1 if eos_id is None else eos_id))
+            toks = np.asarray(toks)[:, : int(n)]
+            ends = [np.flatnonzero(row == eos_id) if eos_id is not None else () for row in toks]
+            return [row[: e[0] + 1] if len(e) else row for row, e in zip(toks, ends, strict=True)]
         tok, cache = self._step(params, ids, valid, positions, init_cache(self.model.cfg, b, valid.shape[1]),
                                 jnp.int32(0), settings, jnp.int32(0))
         out = np.zeros((b, max_new_tokens), np.int32)
