@@ -46,6 +46,8 @@ def _run(name: str, side: str, a: argparse.Namespace, argv: list[str]) -> dict |
         return f"took longer than --timeout={a.timeout} s"
     if r.returncode:
         tail = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-1:] or ["(no output)"]
+        if tail[0].startswith("not run:"):  # the side says why it cannot run here
+            return tail[0][:300]
         return f"failed (exit {r.returncode}): {tail[0][:300]}"
     try:
         return json.loads(r.stdout.strip().splitlines()[-1])

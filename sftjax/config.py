@@ -44,11 +44,13 @@ def base_config() -> ConfigDict:
     c.model = dict(
         path="smollm2-135m-instruct",  # HF folder, .gguf file, or the embedded default's name
         dtype="float32",  # compute dtype: float32 or bfloat16 (master weights stay float32)
-        # Rematerialisation of each decoder layer in the backward pass (see docs/scaling.md for
-        # measured time and memory): none | full (keep only layer inputs) | dots_saveable (keep
-        # matmul outputs) | dots_with_no_batch_dims_saveable (keep weight matmuls, recompute
-        # attention) | offload (as the last, but kept in host memory; backends with pinned host memory).
-        remat="none",
+        # Rematerialisation of each decoder layer in the backward pass (see docs/scaling.md and
+        # docs/performance.md for measured time and memory): none | full (keep only layer inputs) |
+        # dots_saveable (keep matmul outputs) | dots_with_no_batch_dims_saveable (the default: keep
+        # the weight matmuls' outputs, recompute attention scores and elementwise ops; no weight
+        # matmul is recomputed, and 8x256 LoRA keeps 1.5 instead of 3.6 GiB) | offload (as the
+        # last, but kept in host memory; backends with pinned host memory).
+        remat="dots_with_no_batch_dims_saveable",
         # True: layers stacked under one `layers` subtree and run with nn.scan (fast compile).
         # False: unrolled into layers_0..layers_{L-1} (needed by train.freeze=last_layers; same math).
         scan_layers=True,

@@ -97,6 +97,13 @@ def torch_side(spec: Dense, a) -> dict:
 
     from sftjax.io.load import embedded_model_path
 
+    if spec.dtype == "bfloat16":
+        from bench.cases.peak import torch_matmul_flops
+
+        probe = torch_matmul_flops(torch.bfloat16, 256, 1)
+        if probe < 5e9:
+            raise SystemExit(f"not run: torch's bf16 matmul runs at {probe / 1e9:.2f} GFLOP/s on this CPU (no bf16 "
+                             "instructions); one step would take hours")
     path = embedded_model_path()
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                  dtype=torch.float32)
