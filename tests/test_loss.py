@@ -64,3 +64,19 @@ def test_chunk_size_is_bounded():
     assert loss_mod.chunk_size(2048, 49152) == 256  # 256 x 49,152 float32 logits = 48 MiB
     assert loss_mod.chunk_size(10, 49152) == 16
     assert loss_mod.chunk_size(2048, 152064) == 64
+
+
+def test_bf16_matmuls_widen_on_cpus_without_bf16(monkeypatch):
+    """On a CPU without bf16 instructions a bf16 matmul runs as float32 on the same (exactly
+    widened) inputs: the result equals bf16 inputs with float32 accumulation."""
+    from sftjax.models import layers
+
+    x = jax.random.normal(jax.random.key(0), (16, 32)).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (32, 8))
+    ref = jnp.matmul(x, w.astype(jnp.bfloat16), preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+    for native in (False, True):
+        monkeypatch.setattr(layers, "_cpu_has_bf16", lambda native=native: native)
+        assert layers.matmul_dtype(jnp.bfloat16) == (jnp.bfloat16 if native else jnp.float32)
+        np.testing.assert_allclose(np.asarray(layers.dot(x, w, jnp.bfloat16), np.float32), np.asarray(ref, np.float32),
+                                   rtol=1e-2)
+    assert layers.matmul_dtype(jnp.float32) == jnp.float32

@@ -15,6 +15,7 @@ a model file:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -33,9 +34,31 @@ def pin(layout: Any, x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     return x if layout is None else layout.pin(x, axes)
 
 
+@functools.cache
+def _cpu_has_bf16() -> bool:
+    """Whether this host's CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); Linux flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return True  # unknown (macOS, ...): trust XLA's bf16 kernels
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def matmul_dtype(dtype: Any) -> Any:
+    """The dtype matmul inputs are multiplied in: `dtype`, except bfloat16 on a CPU without bf16
+    instructions, where XLA's bf16 matmul runs at about half the float32 rate: there the bf16
+    inputs are widened to float32 (exactly) and multiplied as float32; products and float32
+    accumulation are the same numbers, activations stay bfloat16 between matmuls."""
+    if jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu" and not _cpu_has_bf16():
+        return jnp.float32
+    return dtype
+
+
 def dot(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
     """x @ w in `dtype` with float32 accumulation (fast bf16 path on CPU and GPU)."""
-    out = jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    m = matmul_dtype(dtype)
+    out = jnp.matmul(x.astype(dtype).astype(m), w.astype(dtype).astype(m), preferred_element_type=jnp.float32)
     return out.astype(dtype)
 
 
@@ -139,7 +162,9 @@ def grouped_attention(q, k, v, mask, dtype) -> jax.Array:
     b, t, nh, hd = q.shape
     nkv = k.shape[2]
     q = q.reshape(b, t, nkv, nh // nkv, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
-    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+    m = matmul_dtype(dtype)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q.astype(m), k.astype(m), preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None, :, :], scores / math.sqrt(hd), NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dtype)).reshape(b, t, nh * hd)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(m), v.astype(dtype).astype(m), preferred_element_type=jnp.float32)
+    return out.astype(dtype).reshape(b, t, nh * hd)
