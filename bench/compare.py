@@ -96,7 +96,7 @@ def report(name: str, case, j: dict | str, t: dict | str) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", action="append", choices=sorted(CASES), help="run only these (repeatable)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per training case (after warm-up)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per training case (after warm-up)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (compile) step")
     p.add_argument("--timeout", type=int, default=1200, help="seconds allowed per side")
     p.add_argument("--json", help="also write every raw figure here")

@@ -25,38 +25,39 @@ def _plain(model, trainable, frozen, batch):
     return ((logz - picked) * batch["weights"]).sum(), (jnp.argmax(logits, -1) == batch["labels"])
 
 
-def _compare(model, trainable, frozen, batch, monkeypatch):
-    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 7 * model.cfg.vocab_size)  # chunks of 4 tokens + padding
-    ref, ref_grad = jax.value_and_grad(lambda t: _plain(model, t, frozen, batch)[0])(trainable)
-    got, grad = jax.value_and_grad(lambda t: token_stats(model, t, frozen, batch)["loss_sum"])(trainable)
+def _compare(model, trainable, frozen, batch, monkeypatch, chunk=16):
+    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 2 * chunk * model.cfg.vocab_size)  # several chunks
+    ref, ref_grad = jax.jit(jax.value_and_grad(lambda t: _plain(model, t, frozen, batch)[0]))(trainable)
+    got, grad = jax.jit(jax.value_and_grad(lambda t: token_stats(model, t, frozen, batch)["loss_sum"]))(trainable)
     np.testing.assert_allclose(got, ref, rtol=1e-5)
-    stats = token_stats(model, trainable, frozen, batch)
-    hit = _plain(model, trainable, frozen, batch)[1] | (batch["weights"] == 0)
+    stats = jax.jit(lambda t: token_stats(model, t, frozen, batch))(trainable)
+    hit = jax.jit(lambda t: _plain(model, t, frozen, batch)[1])(trainable) | (batch["weights"] == 0)
     assert float(stats["correct"]) == float((hit * batch["weights"]).sum())
     for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grad), jax.tree.leaves(ref_grad), strict=True):
         scale = float(jnp.abs(r).max()) + 1e-12
         assert float(jnp.abs(g - r).max()) <= 1e-4 * scale, jax.tree_util.keystr(path)
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_chunked_loss_equals_plain(tiny_config, method, monkeypatch):
-    tiny_config.lora.enabled = method == "lora"
-    setup = build(tiny_config)
+def test_chunked_loss_equals_plain_lora(tiny_config, monkeypatch):
+    setup = build(tiny_config)  # LoRA: the head is frozen, its gradient flows only to the layers
     batch = {k: jnp.asarray(v) for k, v in first_batch(setup, tiny_config).items()}
-    assert ("lm_head" in setup.trainable) == (method == "full")
-    _compare(setup.model, setup.trainable, setup.frozen, batch, monkeypatch)
+    assert "lm_head" not in setup.trainable
+    _compare(setup.model, setup.trainable, setup.frozen, batch, monkeypatch, chunk=128)
 
 
-def test_chunked_loss_tied_head_and_head_positions(monkeypatch):
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_loss_full_fine_tuning(tied, monkeypatch):
+    """Every leaf trains, the head too (tied: its gradient adds to the input embedding's); head
+    positions select a few targets per row."""
     cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
     params = Llama(cfg).init(jax.random.key(0), np.zeros((1, 4), np.int32))["params"]
     params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
     rng = np.random.default_rng(0)
-    ids = rng.integers(0, 97, (3, 12)).astype(np.int32)
-    batch = {"input_ids": ids, "valid": np.ones((3, 12), bool), "labels": rng.integers(0, 97, (3, 5)).astype(np.int32),
-             "weights": (rng.random((3, 5)) > 0.3).astype(np.float32),
-             "head_positions": np.sort(rng.integers(0, 12, (3, 5)), -1).astype(np.int32)}
+    ids = rng.integers(0, 97, (4, 12)).astype(np.int32)  # 36 targets: 3 chunks of 16, the last padded
+    batch = {"input_ids": ids, "valid": np.ones((4, 12), bool), "labels": rng.integers(0, 97, (4, 9)).astype(np.int32),
+             "weights": (rng.random((4, 9)) > 0.3).astype(np.float32),
+             "head_positions": np.sort(rng.integers(0, 12, (4, 9)), -1).astype(np.int32)}
     _compare(Adapted(Llama(cfg)), params, {}, batch, monkeypatch)
 
 
