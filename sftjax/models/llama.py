@@ -24,6 +24,7 @@ from sftjax.models.layers import (
     apply_rope,
     attention_mask,
     cache_mask,
+    causal_attention,
     grouped_attention,
     pin,
     rope_inv_freq,
@@ -109,7 +110,7 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)
             cache = {"k": k, "v": v}
         k, v, mask = self.memory(k, v, mask)
-        out = grouped_attention(q, k, v, mask, dtype)
+        out = grouped_attention(q, k, v, mask, dtype) if cache is not None else causal_attention(q, k, v, mask, dtype)
         return Dense(cfg.hidden_size, ("heads", "embed"), False, dtype, name="o_proj")(out), cache
 
     def memory(self, k: jax.Array, v: jax.Array, mask: jax.Array):
