@@ -134,7 +134,7 @@ def torch_side(spec: Dense, a) -> dict:
 
 
 MEASURES = (Measure("tokens_per_s", "tokens/s", "rate"), Measure("step_s", "s/step", "time", "s"),
-            Measure("first_step_s", "first step (compile)", "info", "s"), Measure("mfu", "CPU MFU", "rate", "%"),
+            Measure("first_step_s", "first step (compile + step)", "info", "s"), Measure("mfu", "CPU MFU", "rate", "%"),
             PEAK_RSS)
 
 
