@@ -30,6 +30,22 @@ class Case:
 
 PEAK_RSS = Measure("peak_rss_gib", "peak RSS", "rss", "GiB")
 
+
+def timed(call: Callable[[], object], a) -> tuple[float, float, object]:
+    """(seconds of the first call (compile, warm-up), mean seconds of `a.steps` calls after
+    `a.warmup` untimed ones, the first call's result); `call` returns when its work is done."""
+    import time
+
+    t = time.perf_counter()
+    first = call()
+    first_s = time.perf_counter() - t
+    for _ in range(a.warmup):
+        call()
+    t = time.perf_counter()
+    for _ in range(a.steps):
+        call()
+    return first_s, (time.perf_counter() - t) / a.steps, first
+
 # Modules holding cases, in the order `compare.py` runs them; each has a `CASES` dict.
 MODULES = ("steps", "chat", "load", "decode", "peak")
 

@@ -9,9 +9,7 @@ compiles there: reported as "first call"), then `--warmup` untimed and `--steps`
 
 from __future__ import annotations
 
-import time
-
-from bench.cases import PEAK_RSS, Case, Measure
+from bench.cases import PEAK_RSS, Case, Measure, timed
 
 BATCHES = (1, 8)
 PROMPT, NEW = 32, 64
@@ -24,19 +22,11 @@ def prompts(batch: int):
     return np.random.default_rng(batch).integers(0, 49152, (batch, PROMPT)).astype(np.int32)
 
 
-def timed(call, batch: int, a) -> dict:
-    """Tokens/s of `call()` (returns [batch, NEW] generated ids) after one first and `a.warmup` calls."""
-    t = time.perf_counter()
-    out = call()
-    first = time.perf_counter() - t
+def timed_decode(call, batch: int, a) -> dict:
+    """Tokens/s of `call()` (returns [batch, NEW] generated ids) by `bench.cases.timed`."""
+    first, per_call, out = timed(call, a)
     if tuple(out.shape) != (batch, NEW):
         raise SystemExit(f"batch {batch}: generated {tuple(out.shape)}, want {(batch, NEW)}")
-    for _ in range(a.warmup):
-        call()
-    t = time.perf_counter()
-    for _ in range(a.steps):
-        call()
-    per_call = (time.perf_counter() - t) / a.steps
     return {f"decode_b{batch}_tok_s": batch * NEW / per_call, f"decode_b{batch}_first_s": first}
 
 
@@ -56,7 +46,7 @@ def jax_side(a) -> dict:
     out = {}
     for b in BATCHES:
         rows = list(prompts(b))
-        out |= timed(lambda rows=rows: np.stack(gen.greedy(params, rows, NEW, eos_id=None)), b, a)
+        out |= timed_decode(lambda rows=rows: np.stack(gen.greedy(params, rows, NEW, eos_id=None)), b, a)
     return out
 
 
@@ -82,7 +72,7 @@ def torch_side(a) -> dict:
                 seq = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW)
             return seq[:, PROMPT:]
 
-        out |= timed(call, b, a)
+        out |= timed_decode(call, b, a)
     out["threads"] = torch.get_num_threads()
     return out
 

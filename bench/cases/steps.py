@@ -5,10 +5,9 @@ step per batch. bf16 means bfloat16 compute over float32 master weights on both 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-from bench.cases import PEAK_RSS, Case, Measure
+from bench.cases import PEAK_RSS, Case, Measure, timed
 
 PEFT_TARGETS = {"qv": ["q_proj", "v_proj"],
                 "all_linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -30,9 +29,8 @@ def tokens(spec: Dense):
     return np.random.default_rng(0).integers(0, 49152, (spec.batch, spec.length + 1)).astype(np.int32)
 
 
-def timed(step, a) -> dict:
-    """Run `step()` (returns something to block on, or None) once (compile / first call), then
-    `a.warmup` untimed and `a.steps` timed times."""
+def timed_steps(step, a) -> dict:
+    """`bench.cases.timed` of `step()`, blocking on what it returns (jax arrays, or None)."""
     def run():
         out = step()
         if out is not None:
@@ -40,15 +38,8 @@ def timed(step, a) -> dict:
 
             jax.block_until_ready(out)
 
-    t = time.perf_counter()
-    run()
-    first = time.perf_counter() - t
-    for _ in range(a.warmup):
-        run()
-    t = time.perf_counter()
-    for _ in range(a.steps):
-        run()
-    return {"step_s": (time.perf_counter() - t) / a.steps, "first_step_s": first}
+    first, per_step, _ = timed(run, a)
+    return {"step_s": per_step, "first_step_s": first}
 
 
 def jax_side(spec: Dense, a) -> dict:
@@ -79,7 +70,7 @@ def jax_side(spec: Dense, a) -> dict:
         box[0], m = fn(box[0], setup.frozen, batch)
         return m
 
-    out = timed(step, a)
+    out = timed_steps(step, a)
     flops = batch_flops(setup_cost(cfg, setup.model_cfg, setup.trainable, setup.frozen), host)
     out["tokens_per_s"] = spec.batch * spec.length / out["step_s"]
     out["flops_per_step"] = flops
@@ -127,7 +118,7 @@ def torch_side(spec: Dense, a) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    out = timed(step, a)
+    out = timed_steps(step, a)
     out["tokens_per_s"] = spec.batch * spec.length / out["step_s"]
     out["threads"] = torch.get_num_threads()
     return out
