@@ -35,6 +35,14 @@ def chunk_size(tokens: int, vocab: int) -> int:
     return c
 
 
+def token_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(negative log-likelihood of each label, whether it is the argmax, the log-normaliser)
+    over logits [..., vocab]."""
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    return logz - picked, jnp.argmax(logits, axis=-1) == labels, logz
+
+
 def head_subtree(tree: Mapping) -> dict:
     return {k: tree[k] for k in HEAD_KEYS if k in tree}
 
@@ -70,10 +78,7 @@ def _scan_head(head, h, trainable, frozen, labels, weights, with_grad: bool):
             logits, pull = jax.vjp(logits_of, hc, trainable)
         else:
             logits = logits_of(hc, trainable)
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, lc[:, None], axis=-1)[:, 0]
-        nll = logz - picked
-        hit = jnp.argmax(logits, axis=-1) == lc
+        nll, hit, logz = token_nll(logits, lc)
         loss = acc[0] + (nll * wc).sum()
         if not with_grad:
             return (loss,), (nll, hit)

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sftjax.models.llama import Llama
 from sftjax.params import merge
-from sftjax.train.loss import head_loss, head_subtree
+from sftjax.train.loss import head_loss, head_subtree, token_nll
 from sftjax.train.optim import make_optimizer
 from sftjax.train.regularisers import fgm
 
@@ -71,10 +71,9 @@ def token_stats(model, trainable, frozen, batch, rng=None, num_sources: int = 1)
         nll, hit = nll.reshape(labels.shape) * w, hit.reshape(labels.shape)
     else:
         logits = model.apply(merge(frozen, trainable), batch["input_ids"], batch["valid"], **args)
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-        nll = (logz - picked) * w
-        loss_sum, hit = nll.sum(), jnp.argmax(logits, -1) == labels
+        nll, hit, _ = token_nll(logits, labels)
+        nll = nll * w
+        loss_sum = nll.sum()
     hit = hit | (w == 0)
     out = {"loss_sum": loss_sum, "tokens": w.sum(), "correct": (hit * w).sum(),
            "exact": (hit.all(-1) & (w.sum(-1) > 0)).sum(), "rows": (w.sum(-1) > 0).sum()}
