@@ -126,3 +126,26 @@ def test_dora_step0_identity_merge_and_gradients(tiny_config):
 
     g = flatten(jax.grad(loss)(trained))
     assert np.abs(np.asarray(g["layers/self_attn/q_proj/lora_magnitude"])).max() > 0
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-6), ("bfloat16", 2e-2)])
+def test_adapter_delta_gradients_equal_autodiff(dtype, tol):
+    """The written-out backward of s * (h @ A) @ B gives autodiff's gradients for h, A and B."""
+    from sftjax.models.layers import dot
+
+    rng = np.random.default_rng(0)
+    h = jax.numpy.asarray(rng.normal(size=(3, 5, 16)), dtype)
+    a, b = (jax.numpy.asarray(rng.normal(size=s), "float32") for s in ((16, 4), (4, 24)))
+    w = jax.numpy.asarray(rng.normal(size=(3, 5, 24)), "float32")
+
+    def loss(fn):
+        return lambda h, a, b: (fn(h, a, b).astype("float32") * w).sum()
+
+    plain = loss(lambda h, a, b: dot(dot(h, a, dtype), b, dtype) * 2.0)
+    written = loss(lambda h, a, b: lora.adapter_delta(h, a, b, 2.0, dtype))
+    assert float(plain(h, a, b)) == pytest.approx(float(written(h, a, b)), rel=1e-6)
+    got, want = jax.grad(written, (0, 1, 2))(h, a, b), jax.grad(plain, (0, 1, 2))(h, a, b)
+    for g, e in zip(got, want, strict=True):
+        assert g.dtype == e.dtype and g.shape == e.shape
+        scale = float(np.abs(np.asarray(e, np.float32)).max())
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32), atol=tol * scale)

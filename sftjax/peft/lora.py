@@ -13,6 +13,7 @@ params hold adapters.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sftjax.errors import UserError
-from sftjax.models.layers import Dense, dot
+from sftjax.models.layers import Dense, dot, matmul_dtype
 from sftjax.params import flatten, matching, unflatten
 from sftjax.peft import quant
 from sftjax.peft.adapted import Transform, hook
@@ -124,6 +125,43 @@ def _delta(a, b, alpha: float, rslora: bool):
     return scale(alpha, a.shape[-1], rslora) * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def adapter_delta(h: jax.Array, a: jax.Array, b: jax.Array, s: float, dtype) -> jax.Array:
+    """s * (h @ A) @ B in `dtype`, h [.., in], A [in, r], B [r, out].
+
+    The backward is written out (the same four products autodiff would form) because XLA:CPU,
+    left to itself, lays the [tokens, out] output gradient out transposed for dB's contraction
+    over tokens and spends a strided copy of it per adapter: on SmolLM2-135M with adapters on all
+    seven linear layers that copy was about a quarter of the step (5.9 -> 4.4 s at 2x256)."""
+    return _adapter_fwd(h, a, b, s, dtype)[0]
+
+
+def _adapter_fwd(h, a, b, s, dtype):
+    ha = dot(h, a, dtype)
+    return dot(ha, b, dtype) * s, (h, a, b, ha)
+
+
+def _adapter_bwd(s, dtype, res, g):
+    h, a, b, ha = res
+    m = matmul_dtype(dtype)
+
+    def mm(x, y, cx, cy):
+        dims = ((cx, cy), ((), ()))
+        return jax.lax.dot_general(x.astype(dtype).astype(m), y.astype(dtype).astype(m), dims,
+                                   preferred_element_type=jnp.float32)
+
+    rows = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731  [tokens, features]: one contracting dim
+    h2, gs, ha = rows(h), rows(g * s), rows(ha)
+    dha = mm(gs, b, (1,), (1,))      # [tokens, r]
+    db = mm(gs, ha, (0,), (0,)).T    # [out, r] -> [r, out]
+    da = mm(h2, dha, (0,), (0,))     # [in, r]
+    dh = mm(dha, a, (1,), (1,))      # [tokens, in]
+    return dh.reshape(h.shape).astype(h.dtype), da.astype(a.dtype), db.astype(b.dtype)
+
+
+adapter_delta.defvjp(_adapter_fwd, _adapter_bwd)
+
+
 def merge(params: Mapping, alpha: float, rslora: bool = False) -> dict:
     """Fold every adapter into its kernel and drop the adapters: W + s*A@B with s from each
     adapter's own rank; with DoRA, m * (W + s*A@B) / ||W + s*A@B||_c."""
@@ -179,7 +217,7 @@ class LoRA(Transform):
             keep = jax.random.bernoulli(mod.make_rng("dropout"), 1.0 - self.dropout, x.shape)
             h = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
         y = next_fun(x)
-        delta = dot(dot(h, a, mod.dtype), b, mod.dtype) * s
+        delta = adapter_delta(h, a, b, s, mod.dtype)
         if not mod.has_variable("params", "lora_magnitude"):
             return y + delta
         m = mod.get_variable("params", "lora_magnitude")
