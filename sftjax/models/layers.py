@@ -58,8 +58,9 @@ def matmul_dtype(dtype: Any) -> Any:
 def dot(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
     """x @ w in `dtype` with float32 accumulation (fast bf16 path on CPU and GPU)."""
     m = matmul_dtype(dtype)
-    out = jnp.matmul(x.astype(dtype).astype(m), w.astype(dtype).astype(m), preferred_element_type=jnp.float32)
-    return out.astype(dtype)
+    rows = x.reshape(-1, x.shape[-1]) if w.ndim == 2 else x
+    out = jnp.matmul(rows.astype(dtype).astype(m), w.astype(dtype).astype(m), preferred_element_type=jnp.float32)
+    return out.reshape(*x.shape[:-1], w.shape[-1]).astype(dtype)
 
 
 class Dense(nn.Module):
