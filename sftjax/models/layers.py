@@ -159,16 +159,22 @@ def cache_mask(valid: jax.Array, t: int, cache_index) -> jax.Array:
 
 
 def grouped_attention(q, k, v, mask, dtype) -> jax.Array:
-    """Softmax attention of q [B, T, H, D] over k, v [B, S, KV, D] (H a multiple of KV) -> [B, T, H*D]."""
+    """Softmax attention of q [B, T, H, D] over k, v [B, S, KV, D] (H a multiple of KV) -> [B, T, H*D].
+
+    The G query heads sharing a key/value head are folded into the query axis ([B, KV, G*T, D]),
+    so each product, forward and backward, is a batched matmul with one contracting axis: with
+    [.., G, T, ..] kept apart, the key gradient contracts over two axes and XLA:CPU copies the
+    score gradient into a transposed layout first."""
     b, t, nh, hd = q.shape
-    nkv = k.shape[2]
-    q = q.reshape(b, t, nkv, nh // nkv, hd)
+    s, nkv = k.shape[1], k.shape[2]
+    g = nh // nkv
     m = matmul_dtype(dtype)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q.astype(m), k.astype(m), preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None, :, :], scores / math.sqrt(hd), NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(m), v.astype(dtype).astype(m), preferred_element_type=jnp.float32)
-    return out.astype(dtype).reshape(b, t, nh * hd)
+    q = q.reshape(b, t, nkv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, nkv, g * t, hd)
+    scores = jnp.einsum("bkqd,bskd->bkqs", q.astype(m), k.astype(m), preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None, :, :], scores.reshape(b, nkv, g, t, s) / math.sqrt(hd), NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b, nkv, g * t, s)
+    out = jnp.einsum("bkqs,bskd->bkqd", probs.astype(m), v.astype(dtype).astype(m), preferred_element_type=jnp.float32)
+    return out.astype(dtype).reshape(b, nkv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, nh * hd)
 
 
 def causal_blocks(t: int) -> int:
