@@ -29,6 +29,8 @@ class Case:
 
 
 PEAK_RSS = Measure("peak_rss_gib", "peak RSS", "rss", "GiB")
+# The first training step: compilation plus the step itself (sftjax only).
+FIRST_STEP = Measure("first_step_s", "first step (compile + step)", "info", "s")
 
 
 def timed(call: Callable[[], object], a) -> tuple[float, float, object]:

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from bench.cases import PEAK_RSS, Case, Measure
+from bench.cases import FIRST_STEP, PEAK_RSS, Case, Measure
 
 EXAMPLES = 24  # examples in the timed pass, at least (whole packed steps; --steps usually gives more)
 
@@ -202,7 +202,7 @@ MEASURES = (Measure("useful_tokens_per_s", "target tokens/s", "rate"),
             Measure("step_s", "s/step (packed vs padded)", "time", "s"),
             Measure("padded_tokens", "tokens computed incl. pad", "time"),
             Measure("examples", "examples timed", "info"),
-            Measure("first_step_s", "first step (compile)", "info", "s"),
+            FIRST_STEP,
             Measure("loss0_mnat", "loss, first batch", "rate", "mnat"),
             Measure("loss_mnat", "loss, timed pass", "rate", "mnat"),
             PEAK_RSS)

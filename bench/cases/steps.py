@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench.cases import PEAK_RSS, Case, Measure, timed
+from bench.cases import FIRST_STEP, PEAK_RSS, Case, Measure, timed
 
 PEFT_TARGETS = {"qv": ["q_proj", "v_proj"],
                 "all_linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -125,7 +125,7 @@ def torch_side(spec: Dense, a) -> dict:
 
 
 MEASURES = (Measure("tokens_per_s", "tokens/s", "rate"), Measure("step_s", "s/step", "time", "s"),
-            Measure("first_step_s", "first step (compile + step)", "info", "s"), Measure("mfu", "CPU MFU", "rate", "%"),
+            FIRST_STEP, Measure("mfu", "CPU MFU", "rate", "%"),
             PEAK_RSS)
 
 
