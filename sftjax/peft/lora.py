@@ -151,9 +151,10 @@ def _adapter_bwd(s, dtype, res, g):
                                    preferred_element_type=jnp.float32)
 
     rows = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731  [tokens, features]: one contracting dim
-    h2, gs, ha = rows(h), rows(g * s), rows(ha)
-    dha = mm(gs, b, (1,), (1,))      # [tokens, r]
-    db = mm(gs, ha, (0,), (0,)).T    # [out, r] -> [r, out]
+    # s scales the small products ([tokens, r], [r, out]), not the [tokens, out] gradient.
+    h2, g2, ha = rows(h), rows(g), rows(ha)
+    dha = mm(g2, b, (1,), (1,)) * s      # [tokens, r]
+    db = mm(g2, ha, (0,), (0,)).T * s    # [out, r] -> [r, out]
     da = mm(h2, dha, (0,), (0,))     # [in, r]
     dh = mm(dha, a, (1,), (1,))      # [tokens, in]
     return dh.reshape(h.shape).astype(h.dtype), da.astype(a.dtype), db.astype(b.dtype)

@@ -124,18 +124,28 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
         (grads, tokens, loss_sum, by_source), _ = jax.lax.scan(body, init, (micro, jnp.arange(grad_accum)))
         denom = jnp.maximum(tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-        trainable = optax.apply_updates(state.trainable, updates)
         loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
-        # A non-finite loss or gradient leaves parameters and optimizer state as they were (one
-        # select per leaf, no host sync); the flag goes out with the metrics for the loop to act on.
+        # A non-finite loss or gradient leaves parameters and optimizer state as they were: the
+        # update runs under a `cond` (no host sync, no recompilation; a select per leaf instead
+        # cost an extra pass over parameters and moments, 0.2 s of a 0.7 s AdamW update on
+        # 135M parameters). The flag goes out with the metrics for the loop to act on.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        trainable, opt_state = keep(trainable, state.trainable), keep(opt_state, state.opt_state)
+
+        def update(args):
+            trainable, opt_state, grads = args
+            updates, opt_state = tx.update(grads, opt_state, trainable)
+            return optax.apply_updates(trainable, updates), opt_state, optax.tree.norm(updates)
+
+        def keep(args):
+            trainable, opt_state, _ = args
+            return trainable, opt_state, jnp.zeros((), jnp.float32)
+
+        trainable, opt_state, update_norm = jax.lax.cond(finite, update, keep,
+                                                         (state.trainable, state.opt_state, grads))
         param_norm = optax.tree.norm(state.trainable)
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": tokens, "lr": schedule(state.step),
                    "param_norm": param_norm, "nonfinite": (~finite).astype(jnp.int32),
-                   "update_ratio": jnp.where(finite, optax.tree.norm(updates), 0.0) / jnp.maximum(param_norm, 1e-12),
+                   "update_ratio": update_norm / jnp.maximum(param_norm, 1e-12),
                    **by_source}
         return TrainState(state.step + 1, trainable, opt_state), metrics
 
