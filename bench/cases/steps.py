@@ -107,7 +107,8 @@ def torch_side(spec: Dense, a) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     ids = torch.from_numpy(tokens(spec)).long()
     inputs, labels = ids[:, :-1], ids[:, 1:]
-    cast = (torch.autocast("cpu", dtype=torch.bfloat16) if spec.dtype == "bfloat16" else contextlib.nullcontext)
+    def cast():  # a fresh context per step
+        return torch.autocast("cpu", dtype=torch.bfloat16) if spec.dtype == "bfloat16" else contextlib.nullcontext()
 
     def step():
         with cast():
