@@ -8,7 +8,7 @@ import pytest
 from sftjax.models.layers import attention_mask, causal_attention, causal_blocks, grouped_attention
 
 
-@pytest.mark.parametrize("t,prefix", [(256, 0), (512, 0), (512, 3)])
+@pytest.mark.parametrize("t,prefix", [(256, 0), (512, 0), (512, 3), (1024, 5)])
 def test_causal_blocks_equal_full_attention(t, prefix):
     b, nh, nkv, hd = 2, 4, 2, 8
     ks = jax.random.split(jax.random.key(0), 3)
@@ -21,7 +21,7 @@ def test_causal_blocks_equal_full_attention(t, prefix):
     segments[0, t // 3:] = 2  # two packed examples in row 0
     mask = attention_mask(jnp.asarray(valid), jnp.asarray(segments))
     mask = jnp.concatenate([jnp.ones((b, t, prefix), bool), mask], axis=-1)  # memory keys every query sees
-    assert causal_blocks(t) == (4 if t >= 512 else 2)
+    assert causal_blocks(t) == {256: 2, 512: 4, 1024: 8}[t]
     full = grouped_attention(q, k, v, mask, jnp.float32)
     blocked = jax.jit(causal_attention, static_argnums=4)(q, k, v, mask, jnp.float32)
     np.testing.assert_allclose(np.asarray(blocked), np.asarray(full), atol=2e-6)
