@@ -155,7 +155,9 @@ def _adapter_bwd(s, dtype, res, g):
     h2, g2, ha = rows(h), rows(g), rows(ha)
     dha = mm(g2, b, (1,), (1,)) * s      # [tokens, r]
     db = mm(g2, ha, (0,), (0,)).T * s    # [out, r] -> [r, out]
-    da = mm(h2, dha, (0,), (0,))     # [in, r]
+    # [r, in] behind a barrier, then transposed: XLA would otherwise fold the transpose into the
+    # product and run the [in, r] form, 2.9 ms against 0.5 ms at 2048 tokens x 1536 inputs.
+    da = jax.lax.optimization_barrier(mm(dha, h2, (0,), (0,))).T  # [in, r]
     dh = mm(dha, a, (1,), (1,))      # [tokens, in]
     return dh.reshape(h.shape).astype(h.dtype), da.astype(a.dtype), db.astype(b.dtype)
 
