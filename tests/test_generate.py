@@ -58,3 +58,26 @@ def test_second_call_with_the_same_shapes_compiles_nothing(tiny_config):
     again = greedy(setup.model, setup.full_params(), [p + 1 for p in prompts], 5, eos_id=None)
     assert gen.traces == traced  # same shapes: nothing traced, so nothing compiled
     assert len(again) == len(first) == 2
+
+
+def test_cpu_decoding_unrolls_the_layers_and_decodes_as_the_scan_does(tiny_config):
+    """On CPU the generator decodes through an unrolled copy of a scanned model (layers unstacked
+    once per call); with trained LoRA adapters it picks the same tokens as the scanned model."""
+    from sftjax.build import build
+    from sftjax.infer.generate import Generator, generator
+    from sftjax.params import flatten, unflatten
+
+    tiny_config.lora.enabled = True
+    setup = build(tiny_config)
+    rng = np.random.default_rng(5)
+    trainable = unflatten({p: (rng.normal(0, 0.5, v.shape).astype(np.float32) if p.endswith("lora_b") else v)
+                           for p, v in flatten(setup.trainable).items()})
+    params = setup.full_params(trainable)
+    prompts = [rng.integers(3, 3000, n).astype(np.int32) for n in (4, 13)]
+    gen = generator(setup.model)
+    assert gen._unrolled is not None and not gen._unrolled.base.rt.scan_layers
+    got = gen.greedy(params, prompts, 10, eos_id=None)
+    scanned = Generator(setup.model)
+    scanned._unrolled = None
+    want = scanned.greedy(params, prompts, 10, eos_id=None)
+    assert [g.tolist() for g in got] == [w.tolist() for w in want]
