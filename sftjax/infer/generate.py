@@ -12,7 +12,9 @@ On the CPU backend a model with stacked (scanned) layers decodes through an unro
 itself: XLA:CPU copies each layer's weights out of the stacked array before every matrix-vector
 product, which at batch 1 made a token cost about 2.6x the weight reads (SmolLM2-135M: a scan over
 30 576x1536 weights took 7.0 ms, separate arrays 2.7 ms). The layers are unstacked once per call
-(`models/layout.unstack`), so the weights are held twice while it runs.
+(`models/layout.unstack`), so the weights are held twice while it runs: that is done only while
+the layer weights take at most `UNROLL_MAX_BYTES` (SmolLM2-135M in float32: 0.4 GiB), and the
+unrolled loop compiles slower (the first call at batch 1: 14.0 s against 4.3 s).
 
 The sampling settings (temperature, top-k, top-p, seed; see sample.py) enter the step as traced
 scalars, so changing them compiles nothing either. A row stops at EOS or when `done` says so
@@ -35,6 +37,7 @@ from sftjax.models.llama import init_cache
 from sftjax.peft.adapted import Adapted, Transform
 
 _GENERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+UNROLL_MAX_BYTES = 2 * 2**30  # layer weights held twice while decoding through the unrolled copy
 
 
 class Generator:
@@ -46,13 +49,14 @@ class Generator:
         self._step = jax.jit(self._decode, donate_argnums=4)  # the cache is updated in place
         self._loop = jax.jit(self._decode_all)
         self._unrolled = unrolled(model)
+        self._use_unrolled = None  # decided on the first call, from the size of the layer weights
         layers = model.cfg.num_hidden_layers  # not `model` itself: the registry must not keep it alive
         self._unstack = jax.jit(lambda p: layout.unstack(p, layers))
 
     @property
     def model(self):
-        """The model that decodes: the unrolled copy where there is one (see the module docstring)."""
-        return self._unrolled or self._model()
+        """The model that decodes: the unrolled copy where it is used (see the module docstring)."""
+        return self._unrolled if self._use_unrolled else self._model()
 
     def _decode(self, params, ids, valid, positions, cache, index, settings, step):
         self.traces += 1
@@ -101,8 +105,11 @@ class Generator:
             ids[i, p_len - len(p):] = p
             valid[i, p_len - len(p): p_len] = True
         positions = np.maximum(np.cumsum(valid[:, :p_len], axis=1) - 1, 0).astype(np.int32)
+        if self._use_unrolled is None:
+            size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params.get("layers", {})))
+            self._use_unrolled = self._unrolled is not None and size <= UNROLL_MAX_BYTES
         params = self.model.prepare(params)  # e.g. a prompt's keys/values, once instead of every token
-        if self._unrolled is not None:
+        if self._use_unrolled:
             params = self._unstack(params)
         if done is None:  # nothing to ask the host between tokens: the whole loop runs compiled
             toks, n = self._loop(params, ids, valid, positions, init_cache(self.model.cfg, b, valid.shape[1]),
