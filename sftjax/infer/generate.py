@@ -14,7 +14,7 @@ product, which at batch 1 made a token cost about 2.6x the weight reads (SmolLM2
 30 576x1536 weights took 7.0 ms, separate arrays 2.7 ms). The layers are unstacked once per call
 (`models/layout.unstack`), so the weights are held twice while it runs: that is done only while
 the layer weights take at most `UNROLL_MAX_BYTES` (SmolLM2-135M in float32: 0.4 GiB), and the
-unrolled loop compiles slower (the first call at batch 1: 14.0 s against 4.3 s).
+unrolled loop compiles slower (the first call at batch 1: 13.5-14.0 s against 4.3 s).
 
 The sampling settings (temperature, top-k, top-p, seed; see sample.py) enter the step as traced
 scalars, so changing them compiles nothing either. A row stops at EOS or when `done` says so
