@@ -34,6 +34,7 @@ import numpy as np
 from sftjax.infer.sample import Sampling, cut_at_stop, pick
 from sftjax.models import layout
 from sftjax.models.llama import init_cache
+from sftjax.peft import quant
 from sftjax.peft.adapted import Adapted, Transform
 
 _GENERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -106,8 +107,7 @@ class Generator:
             valid[i, p_len - len(p): p_len] = True
         positions = np.maximum(np.cumsum(valid[:, :p_len], axis=1) - 1, 0).astype(np.int32)
         if self._use_unrolled is None:
-            size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params.get("layers", {})))
-            self._use_unrolled = self._unrolled is not None and size <= UNROLL_MAX_BYTES
+            self._use_unrolled = self._unrolled is not None and quant.nbytes(params.get("layers", {})) <= UNROLL_MAX_BYTES
         params = self.model.prepare(params)  # e.g. a prompt's keys/values, once instead of every token
         if self._use_unrolled:
             params = self._unstack(params)
