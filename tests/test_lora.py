@@ -149,3 +149,43 @@ def test_adapter_delta_gradients_equal_autodiff(dtype, tol):
         assert g.dtype == e.dtype and g.shape == e.shape
         scale = float(np.abs(np.asarray(e, np.float32)).max())
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32), atol=tol * scale)
+
+
+def _remat_grads(cfg, remat: str, ids):
+    """Adapter gradients of a summed-logits loss with `model.remat=remat` (trained, non-zero B)."""
+    from sftjax.build import build
+
+    cfg.model.remat = remat
+    setup = build(cfg)
+    rng = np.random.default_rng(1)
+    trained = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(np.float32), setup.trainable)
+
+    def loss(tr):
+        return (setup.model.apply(setup.full_params(tr), ids) ** 2).mean()
+
+    return setup, trained, loss, flatten(jax.grad(loss)(trained))
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_remat_policies_keep_adapter_gradients_and_save_the_sum(tiny_config, dora, capsys):
+    """Every remat policy gives the gradients of no remat; the matmul-saving policies keep each
+    LoRA layer's output W x + s B A x (named ADAPTED), not its two matmul outputs."""
+    cfg = tiny_config
+    cfg.lora.targets = ("all_linear",)
+    cfg.lora.dora = dora
+    ids = np.random.default_rng(0).integers(0, 1000, (2, 16)).astype(np.int32)
+    *_, ref = _remat_grads(cfg, "none", ids)
+    for remat in ("full", "dots_saveable", "dots_with_no_batch_dims_saveable"):
+        setup, trained, loss, got = _remat_grads(cfg, remat, ids)
+        for k in ref:
+            np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-7, err_msg=f"{remat} {k}")
+    from jax.ad_checkpoint import print_saved_residuals
+
+    capsys.readouterr()
+    print_saved_residuals(loss, trained)
+    saved = [ln.split()[0] for ln in capsys.readouterr().out.splitlines() if "output of scan" in ln]
+    # Per layer, gate and up are kept as their sums (2 residuals [.., tokens, intermediate]), not
+    # as W x and s B A x each (4). DoRA's magnitude gradient needs both products: it keeps 4.
+    wide = [s for s in saved if s.endswith(f",{ids.size},{setup.model_cfg.intermediate_size}]")
+            or s.endswith(f",{ids.shape[1]},{setup.model_cfg.intermediate_size}]")]
+    assert len(wide) == (4 if dora else 2), saved

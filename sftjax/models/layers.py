@@ -26,6 +26,9 @@ import jax.numpy as jnp
 from sftjax.errors import UserError
 
 NEG_INF = -1e30
+# The checkpoint name of a Dense output a transform rewrote (e.g. W x + s B A x): the remat
+# policies that save matmul outputs save this sum instead of its two matmul outputs.
+ADAPTED = "adapted_dense"
 
 
 def pin(layout: Any, x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:

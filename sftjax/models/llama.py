@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from sftjax.models.layers import (
+    ADAPTED,
     Dense,
     Embed,
     RMSNorm,
@@ -79,8 +80,13 @@ def remat_policy(name: str):
     variant only weight matmuls (attention's batched einsums are recomputed); offload keeps those in
     pinned host memory instead of device memory."""
     cp = jax.checkpoint_policies
-    policies = {"none": (False, None), "full": (True, None), "dots_saveable": (True, cp.dots_saveable),
-                "dots_with_no_batch_dims_saveable": (True, cp.dots_with_no_batch_dims_saveable),
+    # With a LoRA-style transform both of a Dense's matmuls (W x and B A x) would count as saveable
+    # and be kept; their sum, named ADAPTED, is what the backward uses (half the memory).
+    adapted = cp.save_only_these_names(ADAPTED)
+    policies = {"none": (False, None), "full": (True, None),
+                "dots_saveable": (True, cp.save_from_both_policies(cp.dots_saveable, adapted)),
+                "dots_with_no_batch_dims_saveable":
+                    (True, cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable, adapted)),
                 "offload": (True, cp.offload_dot_with_no_batch_dims("device", "pinned_host"))}
     return policies[name]
 

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from sftjax.errors import UserError
-from sftjax.models.layers import Dense, dot, matmul_dtype
+from sftjax.models.layers import ADAPTED, Dense, dot, matmul_dtype
 from sftjax.params import flatten, matching, unflatten
 from sftjax.peft import quant
 from sftjax.peft.adapted import Transform, hook
@@ -222,13 +223,14 @@ class LoRA(Transform):
         y = next_fun(x)
         delta = adapter_delta(h, a, b, s, mod.dtype)
         if not mod.has_variable("params", "lora_magnitude"):
-            return y + delta
+            return checkpoint_name(y + delta, ADAPTED)
         m = mod.get_variable("params", "lora_magnitude")
         w = quant.kernel(mod).astype(jnp.float32) + s * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
         ratio = (m / jax.lax.stop_gradient(column_norm(w))).astype(mod.dtype)
         bias = mod.get_variable("params", "bias").astype(mod.dtype) if mod.use_bias else 0
         # PEFT's form: the bias is left out of the rescaling; with dropout the base term sees it too.
         base = y - bias if h is x else next_fun(h) - bias
+        # Not named ADAPTED: the magnitude's gradient needs W x and s B A x themselves.
         return y + (ratio - 1) * base + ratio * delta
 
     def fold(self, params: Mapping) -> dict:
