@@ -152,7 +152,7 @@ def test_adapter_delta_gradients_equal_autodiff(dtype, tol):
 
 
 def _remat_grads(cfg, remat: str, ids):
-    """Adapter gradients of a summed-logits loss with `model.remat=remat` (trained, non-zero B)."""
+    """Adapter gradients of the mean squared logits with `model.remat=remat` (trained, non-zero B)."""
     from sftjax.build import build
 
     cfg.model.remat = remat

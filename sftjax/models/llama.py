@@ -80,8 +80,8 @@ def remat_policy(name: str):
     variant only weight matmuls (attention's batched einsums are recomputed); offload keeps those in
     pinned host memory instead of device memory."""
     cp = jax.checkpoint_policies
-    # With a LoRA-style transform both of a Dense's matmuls (W x and B A x) would count as saveable
-    # and be kept; their sum, named ADAPTED, is what the backward uses (half the memory).
+    # With LoRA both of a Dense's matmuls (W x and s B A x) would count as saveable and be kept;
+    # the backward needs only their sum, named ADAPTED: one residual per adapted layer, not two.
     adapted = cp.save_only_these_names(ADAPTED)
     policies = {"none": (False, None), "full": (True, None),
                 "dots_saveable": (True, cp.save_from_both_policies(cp.dots_saveable, adapted)),
