@@ -181,6 +181,8 @@ def test_remat_policies_keep_adapter_gradients_and_save_the_sum(tiny_config, dor
             np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-7, err_msg=f"{remat} {k}")
     from jax.ad_checkpoint import print_saved_residuals
 
+    # The residuals of the last policy above, the default (dots_with_no_batch_dims_saveable).
+    assert setup.model.base.rt.remat == "dots_with_no_batch_dims_saveable"
     capsys.readouterr()
     print_saved_residuals(loss, trained)
     saved = [ln.split()[0] for ln in capsys.readouterr().out.splitlines() if "output of scan" in ln]
