@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from sftjax import host_memory
 from sftjax import params as P
 from sftjax.data.labels import Head, head_for
 from sftjax.errors import UserError
@@ -135,6 +136,7 @@ def logical_axes(model: Adapted, trees: list[dict]) -> dict:
 
 def build(cfg, tokenizer=None) -> Setup:
     """The model, mesh and parameter split for a validated `cfg`; `tokenizer` if already loaded."""
+    host_memory.install()  # the steps compiled for this model leave no compiler garbage resident
     mcfg, base, tok = open_pretrained(cfg.model.path, tokenizer)  # lazy: read when placed
     head = head_for(cfg, is_encoder(cfg.model.path))
     if head is not None:  # a task head replaces the vocabulary head

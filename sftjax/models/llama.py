@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from sftjax.models.layers import (
     ADAPTED,
+    ATTENTION_LSE,
     Dense,
     Embed,
     RMSNorm,
@@ -82,7 +83,9 @@ def remat_policy(name: str):
     cp = jax.checkpoint_policies
     # With LoRA both of a Dense's matmuls (W x and s B A x) would count as saveable and be kept;
     # the backward needs only their sum, named ADAPTED: one residual per adapted layer, not two.
-    adapted = cp.save_only_these_names(ADAPTED)
+    # Attention's log-normaliser (ATTENTION_LSE, one float per query and head) spares the backward
+    # a second run of attention's forward.
+    adapted = cp.save_only_these_names(ADAPTED, ATTENTION_LSE)
     policies = {"none": (False, None), "full": (True, None),
                 "dots_saveable": (True, cp.save_from_both_policies(cp.dots_saveable, adapted)),
                 "dots_with_no_batch_dims_saveable":

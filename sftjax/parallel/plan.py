@@ -255,7 +255,7 @@ def activation_bytes(cfg, mcfg: LlamaConfig, trainable: dict, sizes: dict, rules
     def none_set(mods: dict[str, int]) -> float:
         """Bytes per token one layer keeps without remat."""
         names = {m.rpartition("/")[2] for m in mods}
-        x = 2 * d * 4 + (q_w + 2 * kv_w) * b + heads * keys * (4 + b) + 5 * mlp * b + sum(mods.values()) * b
+        x = 2 * d * 4 + (q_w + 2 * kv_w) * b + heads * 4 + 5 * mlp * b + sum(mods.values()) * b
         x += d * b * bool(names & {"q_proj", "k_proj", "v_proj"}) + q_w * b * ("o_proj" in names)
         x += d * b * bool(names & {"gate_proj", "up_proj"}) + mlp * b * ("down_proj" in names)
         return x + d * 4 * len(names & {"input_layernorm", "post_attention_layernorm"})
@@ -268,7 +268,7 @@ def activation_bytes(cfg, mcfg: LlamaConfig, trainable: dict, sizes: dict, rules
         """Bytes per token a layer keeps on the device under a remat policy other than none."""
         if policy in ("full", "offload"):
             return d * b
-        return dots_set(mods) + (heads * keys * 4 if policy == "dots_saveable" else 0)
+        return dots_set(mods) + heads * 4  # and attention's log-normaliser, float32
 
     policy, modules = cfg.model.remat, _layer_modules(flat, n_layers)
     backward = backward_rule(flat, n_layers, cfg.train.fgm_epsilon > 0)
@@ -279,12 +279,14 @@ def activation_bytes(cfg, mcfg: LlamaConfig, trainable: dict, sizes: dict, rules
     # The chunked loss (train/loss.py) holds one chunk's logits, exponentials, their gradient and
     # the scatter's copy (one more when the head trains), and the hidden-state gradient of every token.
     chunk = chunk_size(micro * cfg.data.max_length, vocab) / _split_size(rules, sizes, "batch")
-    head = (4 + head_trained) * vocab * share(vocab, "vocab") * 4 * min(chunk, tokens) / tokens + d * 4 + heads * keys * 5
-    # With remat, the backward pass of one layer at a time recomputes what the policy did not keep
-    # and holds the gradient of its attention probabilities (float32).
-    recompute = 0.0 if policy == "none" else max(
-        (none_set(modules[i]) - policy_set(modules[i]) * (policy != "offload") + heads * keys * 4 for i in layers),
-        default=0.0)
+    head = (4 + head_trained) * vocab * share(vocab, "vocab") * 4 * min(chunk, tokens) / tokens + d * 4 + keys * 5
+    # The backward pass of one layer at a time recomputes what the policy did not keep and holds
+    # its attention probabilities and their gradient (float32; the scores' gradient takes the
+    # place of the latter).
+    def redo(i: int) -> float:
+        return 0.0 if policy == "none" else none_set(modules[i]) - policy_set(modules[i]) * (policy != "offload")
+
+    recompute = max((redo(i) + heads * keys * 8 for i in layers), default=0.0)
     outside = 4 * d * 4  # the embeddings' output and the final norm's input and output
     return int(tokens * (kept + outside + max(head, recompute))), int(tokens * host), notes
 
