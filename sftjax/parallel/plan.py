@@ -28,22 +28,23 @@ rules give them where those divide them (the model pins heads and MLP units so; 
 stay whole). Each decoder layer the backward pass goes through (something trainable lies in it or
 below it) keeps per token, by `model.remat`:
 
-- none: the two RMSNorm inputs (2d float32), q, k, v ((H + 2K) h b), the attention scores twice
-  (float32 and b: H T (4 + b)), five MLP-wide values (5 I b), each LoRA adapter's r b, and the
+- none: the two RMSNorm inputs (2d float32), q, k, v ((H + 2K) h b), attention's log-normaliser
+  (4 H: its backward recomputes the probabilities), five MLP-wide values (5 I b), each LoRA adapter's r b, and the
   input of each trained matmul: the normed input for q/k/v and for gate/up (d b each), the
   attention output for o (H h b), the MLP hidden for down (I b); d float32 per trained norm scale.
 - dots_with_no_batch_dims_saveable: the weight matmuls' outputs ((H + 2K) h + 2d + 2I, and each
-  adapter's r + output width), in b.
-- dots_saveable: those and the attention scores (4 H T).
+  adapter's r + output width), in b, and attention's log-normaliser (4 H).
+- dots_saveable: the same (attention's batched products live inside its own backward, so they are
+  never residuals).
 - full: the layer input (d b).
 - offload: the layer input on the device; the dots_with_no_batch_dims_saveable set in host memory.
 
 Outside the layers: the embeddings' output and the final norm's input and output (4d float32).
 Plus the larger of two working sets: the head's (logits, their exponentials and their gradient,
 one more copy when the head trains: (4 or 5) V float32 per token of one chunk of the chunked
-loss, `train.loss.chunk_size`, plus the hidden-state gradient, d float32 per token; the attention mask broadcast over heads,
-H T (1 + 4)) and, with remat, one layer's backward (what `none` keeps minus what the policy kept,
-recomputed, and the gradient of the attention probabilities, 4 H T). Measured limit: a bfloat16
+loss, `train.loss.chunk_size`, plus the hidden-state gradient, d float32 per token; the attention mask and its additive bias,
+T (1 + 4)) and one layer's backward (with remat, what `none` keeps minus what the policy kept,
+recomputed; always attention's probabilities and their gradient, 8 H T). Measured limit: a bfloat16
 step compiled for CPU keeps more temporaries than the same float32 step, so on CPU the comparison
 holds for float32; the model halves b for bfloat16 (not checked against a GPU or TPU compile).
 """
