@@ -77,9 +77,10 @@ class Runtime:
 
 def remat_policy(name: str):
     """`model.remat` -> (rematerialise?, jax checkpoint policy). What each keeps for the backward
-    pass: full keeps only the layer inputs; dots_saveable every matmul output; the no-batch-dims
-    variant only weight matmuls (attention's batched einsums are recomputed); offload keeps those in
-    pinned host memory instead of device memory."""
+    pass: full keeps only the layer inputs; dots_saveable every matmul output the backward needs;
+    the no-batch-dims variant only weight matmuls (attention's batched einsums are recomputed);
+    both also keep attention's log-normaliser; offload keeps the weight matmuls in pinned host
+    memory instead of device memory."""
     cp = jax.checkpoint_policies
     # With LoRA both of a Dense's matmuls (W x and s B A x) would count as saveable and be kept;
     # the backward needs only their sum, named ADAPTED: one residual per adapted layer, not two.

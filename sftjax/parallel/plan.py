@@ -34,8 +34,9 @@ below it) keeps per token, by `model.remat`:
   attention output for o (H h b), the MLP hidden for down (I b); d float32 per trained norm scale.
 - dots_with_no_batch_dims_saveable: the weight matmuls' outputs ((H + 2K) h + 2d + 2I, and each
   adapter's r + output width), in b, and attention's log-normaliser (4 H).
-- dots_saveable: the same (attention's batched products live inside its own backward, so they are
-  never residuals).
+- dots_saveable: the same, and where the attention output is needed again (o_proj trained or
+  adapted) the scores and P V it is recomputed from (4 H T + H h b); otherwise attention's batched
+  products live inside its own backward and are never residuals.
 - full: the layer input (d b).
 - offload: the layer input on the device; the dots_with_no_batch_dims_saveable set in host memory.
 
@@ -269,7 +270,8 @@ def activation_bytes(cfg, mcfg: LlamaConfig, trainable: dict, sizes: dict, rules
         """Bytes per token a layer keeps on the device under a remat policy other than none."""
         if policy in ("full", "offload"):
             return d * b
-        return dots_set(mods) + heads * 4  # and attention's log-normaliser, float32
+        again = policy == "dots_saveable" and any(m.endswith("o_proj") for m in mods)
+        return dots_set(mods) + heads * 4 + (heads * keys * 4 + q_w * b) * again  # + attention's log-normaliser
 
     policy, modules = cfg.model.remat, _layer_modules(flat, n_layers)
     backward = backward_rule(flat, n_layers, cfg.train.fgm_epsilon > 0)
