@@ -17,19 +17,27 @@ from sftjax.models.layers import (
 )
 
 
-@pytest.mark.parametrize("t,prefix", [(256, 0), (512, 0), (512, 3), (1024, 5)])
-def test_causal_blocks_equal_full_attention(t, prefix):
-    b, nh, nkv, hd = 2, 4, 2, 8
-    ks = jax.random.split(jax.random.key(0), 3)
+def attention_case(t=48, prefix=3, nh=6, padding=np.s_[:5], seed=1):
+    """q, k, v (2 KV heads of 8), the mask and loss weights for two rows: row 0 packs two examples,
+    row 1 is padded at `padding` (left padding: with no prefix those queries see no key at all);
+    `prefix` memory keys every query sees."""
+    b, nkv, hd = 2, 2, 8
+    ks = jax.random.split(jax.random.key(seed), 4)
     q = jax.random.normal(ks[0], (b, t, nh, hd))
     k = jax.random.normal(ks[1], (b, prefix + t, nkv, hd))
     v = jax.random.normal(ks[2], (b, prefix + t, nkv, hd))
     valid = np.ones((b, t), bool)
-    valid[1, t - 40:] = False  # right padding
+    valid[1, padding] = False
     segments = np.ones((b, t), np.int32)
-    segments[0, t // 3:] = 2  # two packed examples in row 0
+    segments[0, t // 3:] = 2
     mask = attention_mask(jnp.asarray(valid), jnp.asarray(segments))
-    mask = jnp.concatenate([jnp.ones((b, t, prefix), bool), mask], axis=-1)  # memory keys every query sees
+    mask = jnp.concatenate([jnp.ones((b, t, prefix), bool), mask], axis=-1)
+    return q, k, v, mask, jax.random.normal(ks[3], (b, t, nh * hd))
+
+
+@pytest.mark.parametrize("t,prefix", [(256, 0), (512, 0), (512, 3), (1024, 5)])
+def test_causal_blocks_equal_full_attention(t, prefix):
+    q, k, v, mask, _ = attention_case(t, prefix, nh=4, padding=np.s_[t - 40:], seed=0)  # right padding
     assert causal_blocks(t) == {256: 2, 512: 4, 1024: 8}[t]
     full = grouped_attention(q, k, v, mask, jnp.float32)
     blocked = jax.jit(causal_attention, static_argnums=4)(q, k, v, mask, jnp.float32)
@@ -45,22 +53,6 @@ def plain_attention(q, k, v, mask, dtype):
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("bhts,bshd->bthd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(*q.shape[:2], -1).astype(dtype)
-
-
-def attention_case(t=48, prefix=3):
-    b, nh, nkv, hd = 2, 6, 2, 8
-    ks = jax.random.split(jax.random.key(1), 4)
-    q = jax.random.normal(ks[0], (b, t, nh, hd))
-    k = jax.random.normal(ks[1], (b, prefix + t, nkv, hd))
-    v = jax.random.normal(ks[2], (b, prefix + t, nkv, hd))
-    valid = np.ones((b, t), bool)
-    valid[1, :5] = False  # left padding: with no prefix these queries would see no key at all
-    segments = np.ones((b, t), np.int32)
-    segments[0, t // 2:] = 2
-    mask = attention_mask(jnp.asarray(valid), jnp.asarray(segments))
-    mask = jnp.concatenate([jnp.ones((b, t, prefix), bool), mask], axis=-1)
-    weights = jax.random.normal(ks[3], (b, t, nh * hd))
-    return q, k, v, mask, weights
 
 
 @pytest.mark.parametrize("prefix", [0, 3])
