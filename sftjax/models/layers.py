@@ -190,16 +190,17 @@ def _masked_scores(qf: jax.Array, kt: jax.Array, mask: jax.Array, m: Any) -> jax
     return (scores.reshape(b, nkv, gt // t, t, s) + bias[:, None, None]).reshape(b, nkv, gt, s)
 
 
-def _scaled_queries(q: jax.Array, nkv: int) -> jax.Array:
-    """q / sqrt(D), scaled in float32, folded ([B, KV, G*T, D], q's dtype)."""
-    return _fold_heads((q.astype(jnp.float32) * (1 / math.sqrt(q.shape[-1]))).astype(q.dtype), nkv)
+def _operands(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(q / sqrt(D) scaled in float32 and folded [B, KV, G*T, D], k and v as [B, KV, S, D]): the
+    layouts both the forward and the backward multiply in, rebuilt by each from q, k, v."""
+    qf = _fold_heads((q.astype(jnp.float32) * (1 / math.sqrt(q.shape[-1]))).astype(q.dtype), k.shape[2])
+    return qf, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
 def _attention_fwd(q, k, v, mask, dtype):
     nh = q.shape[2]
     m = matmul_dtype(dtype)
-    qf = _scaled_queries(q, k.shape[2])
-    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    qf, kt, vt = _operands(q, k, v)
     scores = _masked_scores(qf, kt, mask, m)
     top = jnp.max(scores, axis=-1, keepdims=True)
     p = jnp.exp(scores - top)
@@ -220,8 +221,7 @@ def _attention_bwd(dtype, res, d_out):
     nkv = k.shape[2]
     m = matmul_dtype(dtype)
     scale = 1 / math.sqrt(hd)
-    qf = _scaled_queries(q, nkv)
-    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    qf, kt, vt = _operands(q, k, v)
     p = jnp.exp(_masked_scores(qf, kt, mask, m) - lse)
     dof = _fold_heads(d_out.reshape(q.shape), nkv)
     # A query that sees no key got NEG_INF + score everywhere, and its lse lost log(S) to rounding,

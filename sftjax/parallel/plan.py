@@ -30,8 +30,9 @@ below it) keeps per token, by `model.remat`:
 
 - none: the two RMSNorm inputs (2d float32), q, k, v ((H + 2K) h b), attention's log-normaliser
   (4 H: its backward recomputes the probabilities), five MLP-wide values (5 I b), each LoRA
-  adapter's r b, and the input of each trained matmul: the normed input for q/k/v and for gate/up (d b each), the
-  attention output for o (H h b), the MLP hidden for down (I b); d float32 per trained norm scale.
+  adapter's r b, and the input of each trained matmul: the normed input for q/k/v and for gate/up
+  (d b each), the attention output for o (H h b), the MLP hidden for down (I b); d float32 per
+  trained norm scale.
 - dots_with_no_batch_dims_saveable: the weight matmuls' outputs ((H + 2K) h + 2d + 2I, and each
   adapter's r + output width), in b, and attention's log-normaliser (4 H).
 - dots_saveable: the same, and where the attention output is needed again (o_proj trained or
@@ -44,8 +45,9 @@ Outside the layers: the embeddings' output and the final norm's input and output
 Plus the larger of two working sets: the head's (logits, their exponentials and their gradient,
 one more copy when the head trains: (4 or 5) V float32 per token of one chunk of the chunked
 loss, `train.loss.chunk_size`, plus the hidden-state gradient, d float32 per token; the attention
-mask and its additive bias, T (1 + 4)) and one layer's backward (with remat, what `none` keeps minus what the policy kept,
-recomputed; always attention's probabilities and their gradient, 8 H T). Measured limit: a bfloat16
+mask and its additive bias, T (1 + 4)) and one layer's backward (with remat, what `none` keeps
+minus what the policy kept, recomputed; always attention's probabilities and their gradient,
+8 H T). Measured limit: a bfloat16
 step compiled for CPU keeps more temporaries than the same float32 step, so on CPU the comparison
 holds for float32; the model halves b for bfloat16 (not checked against a GPU or TPU compile).
 """
@@ -270,8 +272,9 @@ def activation_bytes(cfg, mcfg: LlamaConfig, trainable: dict, sizes: dict, rules
         """Bytes per token a layer keeps on the device under a remat policy other than none."""
         if policy in ("full", "offload"):
             return d * b
+        # attention's log-normaliser; under dots_saveable with o_proj trained, the scores and P V too
         again = policy == "dots_saveable" and any(m.endswith("o_proj") for m in mods)
-        return dots_set(mods) + heads * 4 + (heads * keys * 4 + q_w * b) * again  # + attention's log-normaliser
+        return dots_set(mods) + heads * 4 + (heads * keys * 4 + q_w * b) * again
 
     policy, modules = cfg.model.remat, _layer_modules(flat, n_layers)
     backward = backward_rule(flat, n_layers, cfg.train.fgm_epsilon > 0)
