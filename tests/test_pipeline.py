@@ -11,12 +11,12 @@ from sftjax.data.tokens import TokenStore, encode_records
 from sftjax.errors import UserError
 
 
-def _store(n, lo, hi, seed, vocab=1000):
-    """Random examples; the second half of each is its target."""
+def _store(n, lo, hi, seed, vocab=1000, tail=None):
+    """Random examples; the second half of each is its target (the last `tail` tokens if given)."""
     rng = np.random.default_rng(seed)
     lens = rng.integers(lo, hi, n)
     ids = [rng.integers(3, vocab, k).astype(np.int32) for k in lens]
-    tgt = [np.arange(k) >= k // 2 for k in lens]
+    tgt = [np.arange(k) >= (k // 2 if tail is None else k - tail) for k in lens]
     return TokenStore(np.concatenate(ids), np.concatenate(tgt), np.concatenate([[0], np.cumsum(lens)]),
                       [f"s{seed}#{i}" for i in range(n)])
 
@@ -110,6 +110,64 @@ def test_packed_rows_attend_within_segments_only(tiny_model_dir):
             # Labels are the example's own next tokens: nothing crosses into the next segment.
             checked += 1
     assert checked >= 8
+
+
+def test_packed_rows_under_a_target_budget(tiny_model_dir):
+    """With sparse targets, packing fits each row's targets into head slots as well as its tokens
+    into the row: every slot with weight points at a target of its own example with that
+    example's next token as label, and the loss and hit count equal those of the same rows with
+    the head at every position."""
+    import jax
+
+    from sftjax.data.pipeline import head_slots
+    from sftjax.io.load import load_pretrained
+    from sftjax.models.llama import Llama
+    from sftjax.train.step import token_stats
+
+    cfg, params, _ = load_pretrained(tiny_model_dir)
+    store = _store(80, 6, 30, 4, vocab=cfg.vocab_size, tail=3)
+    slots = head_slots([store], 64, packing=True)
+    assert slots is not None and slots < 32 and head_slots([store], 64) == 8
+    loader = make_loader([store], [1.0], _dcfg(packing=True), 4, 0, slots, prefetch=0)
+    batches = [next(loader) for _ in range(3)]
+    loader.close()
+    for b in batches:
+        assert b["head_positions"].shape == b["labels"].shape == b["weights"].shape == (4, slots)
+        for r in range(4):
+            seg, pos, w = b["segment_ids"][r], b["head_positions"][r], b["weights"][r]
+            want = []  # the last 3 input positions of each example predict its 3 target tokens
+            for s in range(1, seg.max() + 1):
+                cols = np.flatnonzero(seg == s)
+                want += list(cols[-3:])
+                inner = np.isin(pos, cols[:-1]) & (w > 0)  # a label inside the row is the next input
+                assert np.array_equal(b["labels"][r][inner], b["input_ids"][r][pos[inner] + 1])
+            assert sorted(pos[w > 0]) == want
+    assert np.mean([b["valid"].mean() for b in batches]) > 0.9  # the budget left packing nearly as full
+    model = Llama(cfg)
+    stats = jax.jit(lambda b: token_stats(model, {}, {"params": params}, b))
+    for b in batches:
+        full = {k: b[k] for k in ("input_ids", "valid", "segment_ids", "position_ids")}
+        labels, weights = np.zeros_like(b["input_ids"]), np.zeros(b["input_ids"].shape, np.float32)
+        for r in range(4):
+            keep = b["weights"][r] > 0
+            labels[r, b["head_positions"][r][keep]] = b["labels"][r][keep]
+            weights[r, b["head_positions"][r][keep]] = b["weights"][r][keep]
+        got, ref = stats(b), stats({**full, "labels": labels, "weights": weights})
+        np.testing.assert_allclose(got["loss_sum"], ref["loss_sum"], rtol=1e-5)
+        for k in ("tokens", "correct", "exact", "rows"):
+            assert float(got[k]) == float(ref[k]), k
+
+
+def test_packed_target_slots_of_one_row():
+    """Slots are example-local target positions plus the segment's first column; an empty slot
+    points at column 0 with weight 0 even when column 0 is itself a target."""
+    from sftjax.data.tokens import packed_targets
+
+    row = {"segment_ids": np.array([1, 1, 2, 2, 2, 0]), "labels": np.arange(10, 16),
+           "weights": np.array([1, 0, 0, 1, 1, 0], np.float32), "source": np.zeros(6, np.int32)}
+    out = packed_targets(row, np.array([0, 1, 2, 0]), np.array([1, 2, 2, 0]))
+    assert out["head_positions"].tolist() == [0, 3, 4, 0]
+    assert out["labels"].tolist() == [10, 13, 14, 10] and out["weights"].tolist() == [1, 1, 1, 0]
 
 
 def test_packing_efficiency_and_bucket_shapes():

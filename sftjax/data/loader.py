@@ -21,7 +21,7 @@ import math
 import grain
 import numpy as np
 
-from sftjax.data.tokens import TokenStore, features, targets_first
+from sftjax.data.tokens import TokenStore, features, packed_targets, targets_first
 from sftjax.errors import UserError
 
 FEATURES = ("inputs", "labels", "weights", "source")
@@ -34,14 +34,18 @@ def bucket_edges(lengths: np.ndarray, n_buckets: int, max_len: int) -> list[int]
     return sorted({min(max_len, math.ceil(q / 8) * 8) for q in qs})
 
 
-def _features(store: TokenStore, source: int, pad_to: int | None, pad_id: int, class_weights=None):
+def _features(store: TokenStore, source: int, pad_to: int | None, pad_id: int, class_weights=None,
+              head_index: bool = False):
     """Index -> per-example features; length n-1 (inputs and their next-token labels, or a task
-    head's class labels, weighted by `class_weights` [num classes] if given)."""
+    head's class labels, weighted by `class_weights` [num classes] if given). `head_index` adds
+    "head", the example's target positions, for packing under a target budget."""
 
     def get(i):
         ids, tgt = store.example(int(i))
         n = len(ids) - 1
         out = {**features(ids, tgt, store.example_labels(int(i))), "source": np.full(n, source, np.int32)}
+        if head_index:
+            out["head"] = np.flatnonzero(out["weights"] > 0).astype(np.int32)
         if class_weights is not None:
             out["weights"] = out["weights"] * class_weights[out["labels"]]
         if pad_to is not None:
@@ -54,9 +58,9 @@ def _features(store: TokenStore, source: int, pad_to: int | None, pad_id: int, c
 
 
 def _stream(store: TokenStore, rows: np.ndarray, source: int, seed: int, pad_to, pad_id,
-            class_weights=None) -> grain.IterDataset:
+            class_weights=None, head_index: bool = False) -> grain.IterDataset:
     ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat(None)
-    return ds.map(_features(store, source, pad_to, pad_id, class_weights)).to_iter_dataset()
+    return ds.map(_features(store, source, pad_to, pad_id, class_weights, head_index)).to_iter_dataset()
 
 
 def _mix(streams: list, weights: list[float]) -> grain.IterDataset:
@@ -74,8 +78,9 @@ def _shard_rows(rows: np.ndarray, shard: int, num_shards: int) -> np.ndarray:
 
 def _packed_row(row: dict) -> dict:
     seg = row["inputs_segment_ids"]
-    return {"input_ids": row["inputs"], "labels": row["labels"], "weights": row["weights"],
-            "source": row["source"], "segment_ids": seg, "position_ids": row["inputs_positions"], "valid": seg > 0}
+    out = {"input_ids": row["inputs"], "labels": row["labels"], "weights": row["weights"],
+           "source": row["source"], "segment_ids": seg, "position_ids": row["inputs_positions"], "valid": seg > 0}
+    return out if "head" not in row else packed_targets(out, row["head"], row["head_segment_ids"])
 
 
 def _rename(batch: dict) -> dict:
@@ -89,11 +94,14 @@ def shard_dataset(stores: list[TokenStore], weights: list[float], dcfg, shard: i
     seed = dcfg.seed * 1000 + shard
     length = dcfg.max_length
     if dcfg.packing:
+        # With head slots each example also brings its target positions ("head"), and the packer
+        # fits them into `head_slots` per row as it fits the tokens into `length`.
+        budget = {} if head_slots is None else {"head": head_slots}
         streams = [_stream(st, _shard_rows(np.arange(len(st)), shard, num_shards), s, seed + 97 * s, None, pad_id,
-                           class_weights) for s, st in enumerate(stores)]
+                           class_weights, bool(budget)) for s, st in enumerate(stores)]
         packed = grain.experimental.BestFitPackIterDataset(
-            _mix(streams, weights), length_struct={k: length for k in FEATURES}, num_packing_bins=max(PACK_BINS, local_batch),
-            seed=seed, shuffle_bins=True)
+            _mix(streams, weights), length_struct={**{k: length for k in FEATURES}, **budget},
+            num_packing_bins=max(PACK_BINS, local_batch), seed=seed, shuffle_bins=True)
         return packed.map(_packed_row).batch(local_batch, batch_fn=_stack)
     all_lengths = np.concatenate([st.lengths - 1 for st in stores])
     edges = bucket_edges(all_lengths, dcfg.buckets, length)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -71,9 +72,15 @@ def padded(store: TokenStore, length: int, pad_id: int, source: np.ndarray | Non
     return ex
 
 
-def head_slots(stores: list[TokenStore], length: int) -> int | None:
-    """Most target tokens of any example, rounded up to 8, if at most half of `length`."""
+def head_slots(stores: list[TokenStore], length: int, packing: bool = False) -> int | None:
+    """Target slots per row, if at most half of `length` (else None: the head at every position):
+    the most target tokens of any example, rounded up to 8. A packed row holds several examples,
+    so with `packing` also room for twice the targets of an average row of `length` tokens: the
+    packer then seldom closes a row for its targets before its tokens."""
     most = max(int(np.add.reduceat(st.targets, st.offsets[:-1]).max()) for st in stores)
+    if packing:
+        share = sum(int(st.targets.sum()) for st in stores) / sum(len(st.targets) for st in stores)
+        most = max(most, math.ceil(2 * share * length))
     slots = -(-most // 8) * 8
     return slots if slots <= length // 2 else None
 

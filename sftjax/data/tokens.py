@@ -167,3 +167,20 @@ def targets_first(batch: dict[str, np.ndarray], slots: int) -> dict[str, np.ndar
         if k in batch:
             batch[k] = np.take_along_axis(batch[k], pos, 1)
     return batch
+
+
+def packed_targets(row: dict[str, np.ndarray], head: np.ndarray, head_segments: np.ndarray) -> dict[str, np.ndarray]:
+    """`targets_first` for one packed row: `head` holds each packed example's target positions
+    (counted from its own start) and `head_segments` its segment id (0: an empty slot). Slots
+    become row positions; empty slots point at position 0 with weight 0."""
+    seg = row["segment_ids"]
+    ids, first = np.unique(seg, return_index=True)
+    start = np.zeros(int(ids.max()) + 1, np.int64)
+    start[ids] = first
+    used = head_segments > 0
+    pos = np.where(used, head + start[head_segments], 0).astype(np.int32)
+    row["head_positions"] = pos
+    for k in ("labels", "weights", "source"):
+        row[k] = row[k][pos]
+    row["weights"] = np.where(used, row["weights"], 0).astype(row["weights"].dtype)
+    return row

@@ -226,7 +226,9 @@ def _prepare(cfg, workdir: str, ckpt: Checkpointer):
     for name, rep in data.report.items():
         log.info("data %s: %s", name, rep)
     check_batch(setup.mesh, cfg.train.batch_size // cfg.train.grad_accum, setup.rules)
-    slots = None if cfg.data.packing else pipeline.head_slots(data.train, cfg.data.max_length)
+    slots = pipeline.head_slots(data.train, cfg.data.max_length, cfg.data.packing)
+    if slots:
+        log.info("vocabulary head at %d target slots per row of %d tokens", slots, cfg.data.max_length)
     weights = None if head is None else class_weights(cfg, head, np.concatenate([s.labels for s in data.train]))
     if weights is not None:
         log.info("class weights: %s", ", ".join(f"{n}={w:.3g}" for n, w in zip(head.names, weights, strict=True)))
