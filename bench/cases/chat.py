@@ -1,13 +1,17 @@
-"""Real SFT work: the `recipe:chitchat` conversations (multi-turn small talk) with the loss on the
-assistant replies only, SmolLM2-135M-Instruct (the embedded GGUF, float32 on both sides), LoRA
-r=8 alpha=16 on q,v, AdamW lr 2e-4 constant, weight decay 0.01, clipping at 1.0, 8 rows or
-examples per step, data.max_length=256.
+"""Real SFT work with the loss on the assistant replies only: `sft_chat`, the `recipe:chitchat`
+conversations (multi-turn small talk, long replies), and `sft_trec`, the `recipe:trec` questions
+answered with their one-word type (the quickstart's task: short examples, few targets).
+SmolLM2-135M-Instruct (the embedded GGUF, float32 on both sides), LoRA r=8 alpha=16 on q,v, AdamW
+lr 2e-4 constant, weight decay 0.01, clipping at 1.0, 8 rows or examples per step,
+data.max_length=256.
 
 Both sides train on the same examples with the same token ids and loss masks: each side runs
 sftjax's data path (records -> filters -> chat template -> ids + assistant mask -> packed loader)
 and the examples are read back out of the packed batches, so what torch trains on is exactly what
 sftjax's timed steps held. sftjax trains through its own loop (`train.loop.Loop`, the real loader
-with prefetch, the jitted step) with packing; torch through transformers' `Trainer` + peft with
+with prefetch, the jitted step) with packing and the head slots `sftjax train` would use (TREC: the
+vocabulary head only at target positions; chitchat's replies are too long for slots, so none);
+torch through transformers' `Trainer` + peft with
 their defaults: each batch of 8 examples padded to its longest (`DataCollatorForSeq2Seq`, labels
 -100 off the replies), in the same order (`train_sampling_strategy="sequential"`).
 
@@ -20,6 +24,7 @@ thing (the first batch, before any update, should agree to ~1 mnat).
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -29,12 +34,12 @@ from bench.cases import FIRST_STEP, PEAK_RSS, Case, Measure
 EXAMPLES = 24  # examples in the timed pass, at least (whole packed steps; --steps usually gives more)
 
 
-def config():
-    """The chitchat SFT run, the same settings the torch side copies."""
+def config(recipe: str):
+    """The SFT run on `recipe`, the same settings the torch side copies."""
     from sftjax.config import base_config, validate
 
     cfg = base_config()
-    cfg.data.train = "recipe:chitchat"
+    cfg.data.train = f"recipe:{recipe}"
     cfg.data.packing = True
     cfg.data.max_eval_examples = 1  # nothing is evaluated here
     cfg.optim.schedule, cfg.optim.warmup_steps = "constant", 0
@@ -45,23 +50,35 @@ def config():
 
 def examples(batch: dict) -> list[tuple[np.ndarray, np.ndarray]]:
     """The examples of one packed batch as (token ids [n], loss mask [n]), undoing the label shift:
-    each segment of a row is one whole example (packing never splits one)."""
+    each segment of a row is one whole example (packing never splits one). With head slots the
+    labels are those of the target positions only; an example whose last token is no target then
+    comes back without it (no step reads that token: it is only the label of the last input)."""
     out = []
     for r, seg in enumerate(batch["segment_ids"]):
+        if "head_positions" in batch:
+            on = batch["weights"][r] > 0
+            label = dict(zip(batch["head_positions"][r][on].tolist(), batch["labels"][r][on].tolist(), strict=True))
+        else:
+            label = {c: batch["labels"][r, c] for c in np.flatnonzero(batch["weights"][r] > 0)}
         for s in np.unique(seg[seg > 0]):
             at = np.flatnonzero(seg == s)
-            ids = np.append(batch["input_ids"][r, at], batch["labels"][r, at[-1]])
-            out.append((ids, np.append(False, batch["weights"][r, at] > 0)))
+            mask = np.append(False, [c in label for c in at])
+            if "head_positions" not in batch or at[-1] in label:
+                ids = np.append(batch["input_ids"][r, at], batch["labels"][r, at[-1]] if "head_positions" not in batch
+                                else label[at[-1]])
+            else:
+                ids, mask = batch["input_ids"][r, at], mask[:-1]
+            out.append((ids, mask))
     return out
 
 
-def prepare(a):
+def prepare(a, recipe: str):
     """(cfg, tokenizer, prepared data, the batches both sides use): the first 1 + a.warmup untimed,
     then the timed ones, at least a.steps and enough to hold EXAMPLES examples."""
     from sftjax.data import pipeline
     from sftjax.io.load import load_tokenizer
 
-    cfg = config()
+    cfg = config(recipe)
     tok = load_tokenizer(cfg.model.path)
     data = pipeline.load(cfg, tok)
     loader = loader_for(cfg, tok, data, prefetch=0)
@@ -76,9 +93,12 @@ def prepare(a):
 
 
 def loader_for(cfg, tok, data, prefetch: int = 2):
+    """The loader `sftjax train` would build (`train.loop._prepare`), head slots included."""
+    from sftjax.data import pipeline
     from sftjax.data.loader import make_loader
 
-    return make_loader(data.train, data.weights, cfg.data, cfg.train.batch_size, tok.pad_token_id, None,
+    slots = pipeline.head_slots(data.train, cfg.data.max_length, cfg.data.packing)
+    return make_loader(data.train, data.weights, cfg.data, cfg.train.batch_size, tok.pad_token_id, slots,
                        prefetch=prefetch)
 
 
@@ -90,7 +110,7 @@ def summary(timed: list[dict], secs: float, steps: int) -> dict:
             "step_s": secs / steps, "examples": len(exs), "useful_tokens": useful}
 
 
-def jax_side(a) -> dict:
+def jax_side(recipe: str, a) -> dict:
     import jax
 
     from sftjax.build import build
@@ -98,7 +118,7 @@ def jax_side(a) -> dict:
     from sftjax.train.loop import Loop, train_step
     from sftjax.train.step import init_state
 
-    cfg, tok, data, plan = prepare(a)
+    cfg, tok, data, plan = prepare(a, recipe)
     warm = 1 + a.warmup
     setup = build(cfg, tok)
     state, tx, sched = init_state(setup, cfg.optim, cfg.train.steps)
@@ -134,7 +154,7 @@ def jax_side(a) -> dict:
     return out
 
 
-def torch_side(a) -> dict:
+def torch_side(recipe: str, a) -> dict:
     import os
     import tempfile
 
@@ -144,7 +164,7 @@ def torch_side(a) -> dict:
 
     from sftjax.io.load import embedded_model_path
 
-    cfg, tok, _, plan = prepare(a)
+    cfg, tok, _, plan = prepare(a, recipe)
     warm, b = 1 + a.warmup, cfg.train.batch_size
     feature = lambda ids, m: {"input_ids": ids.tolist(), "labels": np.where(m, ids, -100).tolist()}  # noqa: E731
     timed = [feature(*e) for p in plan[warm:] for e in examples(p)]
@@ -208,6 +228,8 @@ MEASURES = (Measure("useful_tokens_per_s", "target tokens/s", "rate"),
             PEAK_RSS)
 
 CASES = {
-    "sft_chat": Case("chitchat SFT, assistant-only loss, LoRA r=8 q,v, float32, 8 per step, max 256 tokens; "
-                     "sftjax packed vs Trainer + peft padded per batch", jax_side, torch_side, MEASURES),
+    f"sft_{short}": Case(f"{name} SFT, assistant-only loss, LoRA r=8 q,v, float32, 8 per step, max 256 tokens; "
+                         "sftjax packed vs Trainer + peft padded per batch",
+                         functools.partial(jax_side, recipe), functools.partial(torch_side, recipe), MEASURES)
+    for short, recipe, name in (("chat", "chitchat", "chitchat"), ("trec", "trec", "TREC question types"))
 }
