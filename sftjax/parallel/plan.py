@@ -13,11 +13,10 @@ Optimizer state: optax's own `init` (AdamW: 2x trainable float32; Lion: 1x; Adaf
 second moments), each leaf that mirrors a parameter sharded like it (`train.step.opt_state_shardings`),
 the rest (counts, factored moments) replicated.
 
-**Update copy**: one more copy of the trainable shards. The update runs under a `lax.cond` that
-leaves parameters and moments as they were after a non-finite step, and XLA copies the parameters
-that enter it. Measured on SmolLM2 full fine-tuning at 8x64 on data=8: 1.61 GiB of temporaries
-with the guard against 1.00 GiB without. Where activations dominate (8x256 on one device) the copy
-falls outside the peak and the estimate is high by its size; counted anyway, on the safe side.
+**Updates**: after the backward pass the optimizer's updates (float32, trainable-sized) live
+beside the gradients, when activations and weights in use are gone; the part is what that phase
+needs beyond them, so the total is the larger of the two phases. Measured on SmolLM2 full
+fine-tuning at 8x64 on data=8: 1.00 GiB of XLA temporaries, the gradients and the updates.
 
 **Weights in use**: the matmuls work on a copy of one decoder layer's weights, whole along the
 mesh axes of the `embed` rule (fsdp gathers them, since activations are never split along embed),
@@ -83,7 +82,7 @@ from sftjax.parallel.mesh import mesh_sizes
 from sftjax.train.loss import chunk_size
 
 GiB = 1024**3
-PARTS = ("frozen", "trainable", "gradients", "update_copy", "optimizer", "weights_in_use", "activations", "batch")
+PARTS = ("frozen", "trainable", "gradients", "updates", "optimizer", "weights_in_use", "activations", "batch")
 
 
 class _Shape(Lazy):
@@ -181,7 +180,7 @@ class Estimate:
     frozen: int = 0
     trainable: int = 0
     gradients: int = 0
-    update_copy: int = 0  # the trainable shards that enter the non-finite guard's cond, copied by XLA
+    updates: int = 0  # the optimizer's updates beyond the backward pass's activations and weights in use
     optimizer: int = 0
     weights_in_use: int = 0  # one layer's (and the head's) weights as the matmuls use them
     activations: int = 0
@@ -321,7 +320,6 @@ def estimate(cfg, mcfg: LlamaConfig, sizes: dict[str, int], trees=None) -> Estim
     f_shapes = shard_shapes(frozen, axes, sizes, rules, est.problems)
     est.trainable, est.frozen = _nbytes(t_shapes, dtypes), _nbytes(f_shapes, dtypes)
     est.gradients = sum(math.prod(s) * 4 for s in t_shapes.values())
-    est.update_copy = est.trainable
     # optax's own state for the whole tree; a leaf that mirrors a parameter is sharded like it
     # (`train.step.opt_state_shardings`), anything else (counts, factored moments) is replicated.
     tx, _ = make_optimizer(cfg.optim, trainable, cfg.train.steps)
@@ -340,6 +338,7 @@ def estimate(cfg, mcfg: LlamaConfig, sizes: dict[str, int], trees=None) -> Estim
     est.weights_in_use = weights_in_use(t_shapes | f_shapes, dtypes, P.flatten(axes), set(t_shapes), sizes, rules,
                                         mcfg.num_hidden_layers)
     est.activations, est.host_offload, est.notes = activation_bytes(cfg, mcfg, trainable, sizes, rules)
+    est.updates = max(0, est.gradients - est.weights_in_use - est.activations)
     return est
 
 
@@ -470,7 +469,7 @@ def format_report(r: dict) -> str:
         lines += ["", f"  estimate vs XLA's compiled step ({x['platform']}, memory_analysis):",
                   f"  {'':<31}{'estimate':>12}{'XLA':>12}",
                   f"  {'weights, optimizer, batch':<31}{human(held):>12}{human(x['argument']):>12}  (arguments)",
-                  f"  {'gradients, copy, acts, in use':<31}"
+                  f"  {'grads, updates, acts, in use':<31}"
                   f"{human(m['total'] - held):>12}"
                   f"{human(x['temp']):>12}  (temporaries)",
                   f"  {'peak':<31}{human(m['total']):>12}{human(x['peak']):>12}  "
@@ -482,11 +481,12 @@ def format_report(r: dict) -> str:
     budget = r["device_memory"]
     title = f"meshes of {r['devices']} devices" + (f" (fits: total <= {human(budget)})" if budget else "")
     lines += ["", title + ":", f"  {'data':>5}{'fsdp':>6}{'tensor':>7}{'weights':>12}{'gradients':>12}"
-                                f"{'copy':>12}{'optimizer':>12}{'in use':>12}{'activations':>13}{'total':>12}  fits"]
+                                f"{'updates':>12}{'optimizer':>12}{'in use':>12}{'activations':>13}{'total':>12}  fits"]
     for e in r["meshes"]:
         d = e["mesh"]
         fits = "problems: " + str(len(e["problems"])) if e["problems"] else ("yes" if e["fits"] else "no")
         lines.append(f"  {d['data']:>5}{d['fsdp']:>6}{d['tensor']:>7}{human(e['frozen'] + e['trainable']):>12}"
-                     f"{human(e['gradients']):>12}{human(e['update_copy']):>12}{human(e['optimizer']):>12}{human(e['weights_in_use']):>12}"
+                     f"{human(e['gradients']):>12}{human(e['updates']):>12}{human(e['optimizer']):>12}"
+                     f"{human(e['weights_in_use']):>12}"
                      f"{human(e['activations']):>13}{human(e['total']):>12}  {fits}")
     return "\n".join(lines)

@@ -125,26 +125,27 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, grad_accu
         denom = jnp.maximum(tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
-        # A non-finite loss or gradient leaves parameters and optimizer state as they were: the
-        # update runs under a `cond` (no host sync, no recompilation; a select per leaf instead
-        # cost an extra pass over parameters and moments, 0.2 s of a 0.7 s AdamW update on
-        # 135M parameters, and more memory: full fine-tuning 8x256, 2.31 vs 1.86 GiB of XLA
-        # temporaries). The cond's own cost: XLA copies the trainable parameters that enter it,
-        # which shows when activations are small (full fine-tuning 8x64: 1.60 vs 1.00 GiB without
-        # any guard; `parallel/plan.py` counts it). The flag goes out with the metrics for the loop.
+        # A non-finite loss or gradient leaves parameters and optimizer state as they were. The
+        # optimizer runs under a `cond` (no host sync, no recompilation; a select per leaf
+        # instead cost an extra pass over parameters and moments, 0.2 s of a 0.7 s AdamW update
+        # on 135M parameters, and memory: full fine-tuning 8x256, 2.31 vs 1.86 GiB of XLA
+        # temporaries). Parameters stay outside it: the cond returns the updates (-0.0 when
+        # skipped: p + -0.0 is p, bit for bit) and they are added after. With the parameters
+        # updated inside, XLA copied every trainable parameter that entered the cond (full
+        # fine-tuning 8x64: 1.60 vs 1.00 GiB of temporaries). The flag goes out with the metrics.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def update(args):
-            trainable, opt_state, grads = args
-            updates, opt_state = tx.update(grads, opt_state, trainable)
-            return optax.apply_updates(trainable, updates), opt_state, optax.tree.norm(updates)
+            opt_state, grads = args
+            updates, opt_state = tx.update(grads, opt_state, state.trainable)
+            return opt_state, updates
 
         def keep(args):
-            trainable, opt_state, _ = args
-            return trainable, opt_state, jnp.zeros((), jnp.float32)
+            opt_state, grads = args
+            return opt_state, jax.tree.map(lambda g: jnp.full_like(g, -0.0), grads)
 
-        trainable, opt_state, update_norm = jax.lax.cond(finite, update, keep,
-                                                         (state.trainable, state.opt_state, grads))
+        opt_state, updates = jax.lax.cond(finite, update, keep, (state.opt_state, grads))
+        trainable, update_norm = optax.apply_updates(state.trainable, updates), optax.tree.norm(updates)
         param_norm = optax.tree.norm(state.trainable)
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": tokens, "lr": schedule(state.step),
                    "param_norm": param_norm, "nonfinite": (~finite).astype(jnp.int32),
