@@ -130,7 +130,13 @@ def test_packed_rows_under_a_target_budget(tiny_model_dir):
     assert slots is not None and slots < 32 and head_slots([store], 64) == 8
     loader = make_loader([store], [1.0], _dcfg(packing=True), 4, 0, slots, prefetch=0)
     batches = [next(loader) for _ in range(3)]
+    state, want = loader.get_state(), next(loader)
     loader.close()
+    again = make_loader([store], [1.0], _dcfg(packing=True), 4, 0, slots, prefetch=0)
+    again.set_state(state)  # a resumed run continues with exactly the next batch, slots included
+    got = next(again)
+    again.close()
+    assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
     for b in batches:
         assert b["head_positions"].shape == b["labels"].shape == b["weights"].shape == (4, slots)
         for r in range(4):
