@@ -221,16 +221,24 @@ class Llama(nn.Module):
                             in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_hidden_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
             return stack(cfg, rt, name="layers")(x, positions, mask, cache, cache_index)
+        # A per-layer cache (a list, `init_cache(per_layer=True)`) stays one buffer per layer, each
+        # written in place; a stacked one is sliced per layer and stacked again.
+        per_layer = isinstance(cache, list)
         caches = []
         for i in range(cfg.num_hidden_layers):
-            layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
+            layer_cache = None if cache is None else cache[i] if per_layer else jax.tree.map(lambda c, i=i: c[i], cache)
             x, layer_cache = block(cfg, rt, name=f"layers_{i}")(x, positions, mask, layer_cache, cache_index)
             caches.append(layer_cache)
-        # The cache stays stacked over layers, as `init_cache` makes it.
-        return x, None if cache is None else jax.tree.map(lambda *cs: jnp.stack(cs), *caches)
+        if cache is None or per_layer:
+            return x, None if cache is None else caches
+        return x, jax.tree.map(lambda *cs: jnp.stack(cs), *caches)
 
 
-def init_cache(cfg: LlamaConfig, batch: int, slots: int, dtype=jnp.float32) -> dict:
-    """Empty key/value cache for `slots` positions, stacked over layers like the weights."""
-    shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.dim_per_head)
+def init_cache(cfg: LlamaConfig, batch: int, slots: int, dtype=jnp.float32, per_layer: bool = False) -> dict | list:
+    """Empty key/value cache for `slots` positions, stacked over layers like the weights; with
+    `per_layer` a list of one such dict per layer (for unrolled layers only)."""
+    shape = (batch, slots, cfg.num_key_value_heads, cfg.dim_per_head)
+    if per_layer:
+        return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers)]
+    shape = (cfg.num_hidden_layers, *shape)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
