@@ -16,7 +16,7 @@ the rest (counts, factored moments) replicated.
 **Updates**: after the backward pass the optimizer's updates (float32, trainable-sized) live
 beside the gradients, when activations and weights in use are gone; the part is what that phase
 needs beyond them, so the total is the larger of the two phases. Measured on SmolLM2 full
-fine-tuning at 8x64 on data=8: 1.00 GiB of XLA temporaries, the gradients and the updates.
+fine-tuning at 8x64 on data=8: 1.00 GiB of XLA temporaries, two trainable-sized float32 buffers.
 
 **Weights in use**: the matmuls work on a copy of one decoder layer's weights, whole along the
 mesh axes of the `embed` rule (fsdp gathers them, since activations are never split along embed),
