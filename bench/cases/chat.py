@@ -63,11 +63,12 @@ def examples(batch: dict) -> list[tuple[np.ndarray, np.ndarray]]:
         for s in np.unique(seg[seg > 0]):
             at = np.flatnonzero(seg == s)
             mask = np.append(False, [c in label for c in at])
-            if "head_positions" not in batch or at[-1] in label:
-                ids = np.append(batch["input_ids"][r, at], batch["labels"][r, at[-1]] if "head_positions" not in batch
-                                else label[at[-1]])
-            else:
+            if at[-1] in label:
+                ids = np.append(batch["input_ids"][r, at], label[at[-1]])
+            elif "head_positions" in batch:  # the last token is no target, so the batch does not hold it
                 ids, mask = batch["input_ids"][r, at], mask[:-1]
+            else:
+                ids = np.append(batch["input_ids"][r, at], batch["labels"][r, at[-1]])
             out.append((ids, mask))
     return out
 
