@@ -161,11 +161,16 @@ def targets_first(batch: dict[str, np.ndarray], slots: int) -> dict[str, np.ndar
     """Gather each row's target positions first (stable, so their order is kept) into `slots`
     head positions: the model then runs its vocabulary head only there (`Llama`'s head_positions),
     and the per-token labels, weights and sources follow."""
-    pos = np.argsort(batch["weights"] == 0, axis=1, kind="stable")[:, :slots].astype(np.int32)
+    return _at_slots(batch, np.argsort(batch["weights"] == 0, axis=1, kind="stable")[:, :slots].astype(np.int32))
+
+
+def _at_slots(batch: dict[str, np.ndarray], pos: np.ndarray) -> dict[str, np.ndarray]:
+    """`pos` [..., slots] as the head positions, with the per-token labels, weights and sources
+    gathered there (along the last axis: a batch or one row)."""
     batch["head_positions"] = pos
     for k in ("labels", "weights", "source"):
         if k in batch:
-            batch[k] = np.take_along_axis(batch[k], pos, 1)
+            batch[k] = np.take_along_axis(batch[k], pos, -1)
     return batch
 
 
@@ -178,9 +183,6 @@ def packed_targets(row: dict[str, np.ndarray], head: np.ndarray, head_segments: 
     start = np.zeros(int(ids.max()) + 1, np.int64)
     start[ids] = first
     used = head_segments > 0
-    pos = np.where(used, head + start[head_segments], 0).astype(np.int32)
-    row["head_positions"] = pos
-    for k in ("labels", "weights", "source"):
-        row[k] = row[k][pos]
+    row = _at_slots(row, np.where(used, head + start[head_segments], 0).astype(np.int32))
     row["weights"] = np.where(used, row["weights"], 0).astype(row["weights"].dtype)
     return row
