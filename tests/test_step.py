@@ -75,3 +75,25 @@ def test_mesh_larger_than_devices_raises(tiny_config):
     with pytest.raises(UserError, match="only 8 devices"):
         build(cfg)
     assert jax.device_count() == 8
+
+
+def test_step_does_not_copy_the_donated_parameters(tiny_config):
+    """The state is donated and updated in place; nothing may read the old parameters after the
+    update, or XLA keeps them readable by copying every trainable parameter at the start of the
+    step (full fine-tuning of a 135M model: 0.5 GiB written and read again per step)."""
+    import re
+
+    cfg = tiny_config
+    cfg.lora.enabled = False
+    setup = build(cfg)
+    state, tx, sched = init_state(setup, cfg)
+    fn = make_train_step(setup.model, tx, sched, 1, False, 0, jax.tree.map(lambda x: x.sharding, state))
+    batch = place_batch(next(file_batches(cfg, setup.tokenizer)), setup.mesh)
+    hlo = fn.lower(state, setup.frozen, batch).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY"):]
+    # entry parameters that are arrays (the step counter, a scalar, is copied and may be)
+    params = {name for name, dims in re.findall(r"%([\w.\-]+) = \w+\[([\d,]*)\]\S* parameter\(\d+\)", entry) if dims}
+    copied = [p for p in re.findall(r" copy\(%([\w.\-]+)\)", entry) if p in params]
+    n_trainable = len(jax.tree.leaves(state.trainable))
+    assert n_trainable > 5 and len(params) > n_trainable
+    assert copied == [], f"{len(copied)} parameters copied: {copied[:4]}"
