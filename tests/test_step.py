@@ -1,4 +1,7 @@
-"""Numerics of the train step: micro-batch equivalence, mesh equivalence, compile-once, sharding checks."""
+"""Numerics of the train step: micro-batch equivalence, mesh equivalence, compile-once, sharding checks,
+no copy of the donated parameters."""
+
+import re
 
 import jax
 import numpy as np
@@ -81,8 +84,6 @@ def test_step_does_not_copy_the_donated_parameters(tiny_config):
     """The state is donated and updated in place; nothing may read the old parameters after the
     update, or XLA keeps them readable by copying every trainable parameter at the start of the
     step (full fine-tuning of a 135M model: 0.5 GiB written and read again per step)."""
-    import re
-
     cfg = tiny_config
     cfg.lora.enabled = False
     setup = build(cfg)
